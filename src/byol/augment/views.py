@@ -1,0 +1,245 @@
+"""The reference augmentation path: per-image torchvision.transforms.v2 pipelines T and T'.
+
+PAPER.md §3 (paper Table 6): random resized crop -> horizontal flip -> colour jitter (random
+order) -> grayscale -> Gaussian blur -> solarize -> normalise, every parameter drawn afresh on
+every call, i.e. per image and per view. The pipelines run in DataLoader workers on uint8
+``[3, H, W]`` images and return float32 ``[3, size, size]``.
+
+The pipeline is split into the stages of the data flow in DESIGN.md so that the fast batched
+path (``batched.py``) can be tested against it stage by stage:
+
+- ``geometric_ops``: crop + flip on uint8, what the workers still do in the fast path;
+- ``photometric_ops``: jitter, grayscale, blur, solarize on float ``[0, 1]``, one module per
+  step of PAPER.md §3, what the device does per sample in the fast path;
+- ``Normalize`` with ImageNet mean and std.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Solarize inverts pixels at or above half intensity (PAPER.md §3: x <- 1 - x where x >= 0.5).
+SOLARIZE_THRESHOLD = 0.5
+
+
+def _fail(name: str, rule: str, value) -> None:
+    raise ValueError(f"augment.{name} must be {rule}, got {value!r}")
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        _fail(name, "in [0, 1]", value)
+
+
+def _check_range(name: str, value: tuple[float, float], upper: float = math.inf) -> None:
+    if len(value) != 2 or not 0.0 < value[0] <= value[1] <= upper:
+        bound = "" if upper == math.inf else f" <= {upper:g}"
+        _fail(name, f"a pair 0 < min <= max{bound}", value)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view distribution, T or T' of PAPER.md §3. Probabilities are per image and per view.
+
+    ``size`` is the output side (224 for ImageNet, 32 for CIFAR); ``blur_kernel_fraction`` the
+    blur kernel side as a fraction of ``size`` (23x23 at 224, see ``blur_kernel_size``).
+    """
+
+    size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_fraction: float = 0.1
+    solarize_prob: float = 0.0
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        # Configs loaded from YAML give lists; store tuples so the spec stays hashable.
+        for name in ("crop_scale", "crop_ratio", "blur_sigma", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.size <= 0:
+            _fail("size", "> 0", self.size)
+        _check_range("crop_scale", self.crop_scale, upper=1.0)
+        _check_range("crop_ratio", self.crop_ratio)
+        _check_range("blur_sigma", self.blur_sigma)
+        for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+            _check_prob(name, getattr(self, name))
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                _fail(name, ">= 0", getattr(self, name))
+        if not 0.0 <= self.hue <= 0.5:
+            _fail("hue", "in [0, 0.5]", self.hue)
+        if not 0.0 < self.blur_kernel_fraction <= 1.0:
+            _fail("blur_kernel_fraction", "in (0, 1]", self.blur_kernel_fraction)
+        if len(self.mean) != 3:
+            _fail("mean", "3 values (RGB)", self.mean)
+        if len(self.std) != 3 or min(self.std) <= 0:
+            _fail("std", "3 values > 0 (RGB)", self.std)
+
+
+def byol_view_specs(size: int = 224, *, blur: bool = True, **overrides) -> tuple[ViewSpec, ViewSpec]:
+    """(T, T') of PAPER.md §3: they differ only in blur (1.0 vs 0.1) and solarize (0.0 vs 0.2).
+
+    ``blur=False`` drops blur from both views, the usual choice for 32-px images (a 3-pixel
+    kernel does little). ``overrides`` (any ViewSpec field) apply to both views.
+    """
+    base = ViewSpec(size=size, **overrides)
+    t1 = replace(base, blur_prob=1.0 if blur else 0.0, solarize_prob=0.0)
+    t2 = replace(base, blur_prob=0.1 if blur else 0.0, solarize_prob=0.2)
+    return t1, t2
+
+
+def blur_kernel_size(size: int, fraction: float = 0.1) -> int:
+    """Odd blur kernel side, ``fraction`` of the image side (PAPER.md §3): 224 -> 23, 32 -> 3.
+
+    int(fraction * size), bumped to the next odd number (a Gaussian kernel needs a centre
+    pixel), and at least 3 (a 1-pixel kernel would not blur at all).
+    """
+    if size <= 0 or fraction <= 0:
+        raise ValueError(f"blur_kernel_size needs size > 0 and fraction > 0, got {size}, {fraction}")
+    # The epsilon keeps e.g. 0.1 * 30 = 3.0000000000000004 or 2.9999999999999996 at 3.
+    k = int(fraction * size + 1e-9)
+    k = k if k % 2 == 1 else k + 1
+    return max(k, 3)
+
+
+class Clamp01(nn.Module):
+    """Clamp a float image to [0, 1]. ``[..., 3, H, W] -> [..., 3, H, W]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clamp(0.0, 1.0)
+
+
+def geometric_ops(spec: ViewSpec) -> list[nn.Module]:
+    """Crop and flip (PAPER.md §3, rows 1-2). uint8 ``[3, H, W]`` -> uint8 ``[3, size, size]``.
+
+    Crop area ~ U[crop_scale] of the image, aspect ratio log-uniform in crop_ratio (torchvision
+    samples log-uniformly), bicubic resize. Bicubic can overshoot [0, 255]; on uint8 torchvision
+    rounds and clamps, so the output is a valid image.
+    """
+    return [
+        v2.RandomResizedCrop(
+            spec.size, scale=spec.crop_scale, ratio=spec.crop_ratio,
+            interpolation=InterpolationMode.BICUBIC, antialias=True,
+        ),
+        v2.RandomHorizontalFlip(spec.flip_prob),
+    ]
+
+
+def photometric_ops(spec: ViewSpec) -> list[nn.Module]:
+    """Jitter, grayscale, blur, solarize (PAPER.md §3, rows 3-6), one module per step.
+
+    float32 ``[3, H, W]`` in [0, 1] -> float32 ``[3, H, W]`` in [0, 1]. Steps whose probability
+    is 0 are left out, so the list names exactly the steps that can happen.
+    """
+    # torchvision 0.29 v2.ColorJitter.make_params draws ``fn_idx = torch.randperm(4)`` and new
+    # factors on every call (Transform.forward calls make_params each time), and transform()
+    # applies brightness/contrast/saturation/hue in that order: a fresh random order per
+    # image, as PAPER.md §3 asks. Checked in the source and by tests/test_augment_views.py.
+    jitter = v2.ColorJitter(
+        brightness=spec.brightness, contrast=spec.contrast, saturation=spec.saturation, hue=spec.hue
+    )
+    ops: list[nn.Module] = [
+        v2.RandomApply([jitter], p=spec.jitter_prob),
+        # Keeps 3 channels (num_output_channels follows the input), as the encoder expects.
+        v2.RandomGrayscale(spec.grayscale_prob),
+    ]
+    if spec.blur_prob > 0:
+        # A sigma range: torchvision draws sigma ~ U[min, max] per call (not a radius).
+        kernel = blur_kernel_size(spec.size, spec.blur_kernel_fraction)
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=spec.blur_sigma)], p=spec.blur_prob))
+    if spec.solarize_prob > 0:
+        # On float images torchvision inverts as 1 - x where x >= threshold.
+        ops.append(v2.RandomSolarize(SOLARIZE_THRESHOLD, p=spec.solarize_prob))
+    # Every op above maps [0, 1] into itself up to rounding (jitter clamps, grayscale and blur
+    # are convex combinations, solarize maps [0.5, 1] to [0, 0.5]); one final clamp makes the
+    # stage's output range exact, which the batched path is compared against.
+    ops.append(Clamp01())
+    return ops
+
+
+def view_transform(spec: ViewSpec) -> v2.Compose:
+    """One view t ~ T (or T') of PAPER.md §3. uint8 ``[3, H, W]`` (any H, W) -> float32
+    ``[3, size, size]``, normalised with ``spec.mean``/``spec.std``.
+
+    Every call draws new parameters: one call per image and per view.
+    """
+    return v2.Compose([
+        *geometric_ops(spec),
+        # Photometric ops work on float [0, 1], as the batched device path will.
+        v2.ToDtype(torch.float32, scale=True),
+        *photometric_ops(spec),
+        v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
+    ])
+
+
+class TwoViews:
+    """x -> (t(x), t'(x)), t ~ T and t' ~ T' drawn independently (PAPER.md §1, §3).
+
+    uint8 ``[3, H, W]`` -> two float32 ``[3, size, size]``. A plain class (not a lambda) so it
+    pickles into DataLoader workers.
+    """
+
+    def __init__(self, t1, t2) -> None:
+        self.t1, self.t2 = t1, t2
+
+    def __call__(self, img: Tensor) -> tuple[Tensor, Tensor]:
+        return self.t1(img), self.t2(img)
+
+    def __repr__(self) -> str:
+        return f"TwoViews(\n  t1={self.t1},\n  t2={self.t2})"
+
+
+def two_view_transform(spec1: ViewSpec, spec2: ViewSpec) -> TwoViews:
+    """The pretraining transform: views from T = ``spec1`` and T' = ``spec2`` (PAPER.md §3)."""
+    return TwoViews(view_transform(spec1), view_transform(spec2))
+
+
+def eval_transform(
+    size: int,
+    *,
+    crop_fraction: float = 0.875,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Deterministic evaluation transform (PAPER.md §5: centre crop 224 of 256).
+
+    uint8 ``[3, H, W]`` -> resize the shorter side to round(size / crop_fraction) (bicubic,
+    antialiased) -> centre crop ``size`` -> float32 ``[3, size, size]`` normalised.
+    ``crop_fraction=1.0`` resizes the shorter side to ``size`` (32-px data).
+    """
+    if size <= 0:
+        raise ValueError(f"eval.size must be > 0, got {size!r}")
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"eval.crop_fraction must be in (0, 1], got {crop_fraction!r}")
+    return v2.Compose([
+        v2.Resize(round(size / crop_fraction), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def denormalize(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+    """Undo Normalize for plots and tests. ``[..., 3, H, W] -> [..., 3, H, W]`` in ~[0, 1]."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x * s + m

@@ -1,0 +1,175 @@
+"""The `byol` command (also `python -m byol`, the form torchrun uses).
+
+    byol demo                                              # built-in data, kNN before vs after
+    byol pretrain --config configs/cifar10_resnet18.yaml data.path=/imgs optim.epochs=200
+    byol pretrain --resume runs/cifar10_resnet18-20261123-101500
+    byol eval knn runs/NAME --train /imgs/train --test /imgs/test
+
+A user mistake (missing file, bad config value, unreadable data) prints one line on stderr and
+exits with code 2; set BYOL_DEBUG=1 to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from byol.config import ConfigError, apply_overrides, config_from_dict, read_yaml
+
+EXAMPLES = {
+    "pretrain": "example:\n  byol pretrain --config cifar10_resnet18 data.path=/data/cifar10/train optim.epochs=200\n"
+                "  byol pretrain --resume runs/cifar10_resnet18-20261123-101500",
+    "demo": "example:\n  byol demo\n  byol demo optim.epochs=2 train.out_dir=/tmp/runs",
+    "knn": "example:\n  byol eval knn runs/demo --train /data/train --test /data/test\n"
+           "  byol eval knn runs/demo            # the run's own held-out split",
+}
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("byol").joinpath("configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a built-in config (``demo``, ``cifar10_resnet18``, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtin = resources.files("byol").joinpath("configs", f"{path.stem}.yaml")
+    if "/" not in name and builtin.is_file():
+        return Path(str(builtin))
+    raise ConfigError(f"config: file not found: {name} (built-in configs: {', '.join(builtin_configs())})")
+
+
+def _print_run(result) -> None:
+    run = result.run_dir
+    print(f"run directory: {run}")
+    print(f"  checkpoint:  {run / 'checkpoints' / 'last.pt'}")
+    print(f"  metrics:     {run / 'metrics.jsonl'} (tensorboard: {run / 'tb'})")
+    if result.skipped:
+        print(f"  skipped {len(result.skipped)} unreadable image(s), listed in {run / 'skipped_files.tsv'}")
+    if not result.finished:
+        print(f"stopped at step {result.step}; continue with: byol pretrain --resume {run}")
+    if result.knn_init is not None:
+        print(f"kNN top-1 at random init:  {result.knn_init['top1']:.2f}%")
+    if result.knn is not None:
+        print(f"kNN top-1 after training:  {result.knn['top1']:.2f}%  ({run / 'eval' / 'knn.json'})")
+
+
+def cmd_pretrain(args) -> int:
+    from byol.train.loop import pretrain
+
+    if args.resume:
+        run_cfg = Path(args.resume) / "config.yaml"
+        if not Path(args.resume).is_dir():
+            raise ConfigError(f"--resume: no such run directory: {args.resume}")
+        if not run_cfg.is_file():
+            raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
+        cfg = config_from_dict(apply_overrides(read_yaml(run_cfg), args.overrides))
+        from byol.train.state import find_checkpoint
+
+        find_checkpoint(args.resume)  # fail early, before building anything
+        result = pretrain(cfg, resume=args.resume)
+    else:
+        if not args.config:
+            raise ConfigError("pretrain: give --config FILE (or --resume RUN_DIR)")
+        path = resolve_config_path(args.config)
+        cfg = config_from_dict(apply_overrides(read_yaml(path), args.overrides))
+        result = pretrain(cfg, stem=path.stem)
+    _print_run(result)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from byol.train.loop import pretrain
+
+    raw = apply_overrides(read_yaml(resolve_config_path("demo")), args.overrides)
+    cfg = config_from_dict(raw)
+    print("byol demo: BYOL on the built-in 'shapes' data; kNN accuracy of the encoder on held-out "
+          "images at random init and after training.", flush=True)
+    result = pretrain(cfg, stem="demo")
+    _print_run(result)
+    if result.knn_init is not None and result.knn is not None:
+        gain = result.knn["top1"] - result.knn_init["top1"]
+        print(f"BYOL improved the kNN accuracy by {gain:+.2f} points.")
+    return 0
+
+
+def cmd_eval_knn(args) -> int:
+    from byol.eval.commands import knn_command
+
+    out = knn_command(args.run, train=args.train, test=args.test, k=args.k,
+                      temperature=args.temperature, batch_size=args.batch_size,
+                      device=args.device, workers=args.workers)
+    print(f"kNN (k={out['k']}, T={out['temperature']}): top-1 {out['top1']:.2f}%, "
+          f"top-5 {out['top5']:.2f}% on {out['n_test']} images (bank {out['n_bank']})")
+    if out.get("written_to"):
+        print(f"results: {out['written_to']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="byol", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="BYOL pretraining from a config", epilog=EXAMPLES["pretrain"],
+                       formatter_class=fmt,
+                       description="Pretrain an encoder with BYOL. Overrides are section.key=value "
+                                   "(values parsed as YAML) and win over the config file.")
+    p.add_argument("--config", help=f"YAML file or built-in name ({', '.join(builtin_configs())})")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from checkpoints/last.pt")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("demo", help="a few minutes of BYOL on built-in data, kNN before/after",
+                       epilog=EXAMPLES["demo"], formatter_class=fmt,
+                       description="Pretrain a small ResNet on the built-in 'shapes' dataset and "
+                                   "report kNN accuracy on held-out images before and after.")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="evaluate a pretrained encoder")
+    esub = p.add_subparsers(dest="protocol", required=True)
+    k = esub.add_parser("knn", help="weighted kNN on frozen features", epilog=EXAMPLES["knn"],
+                        formatter_class=fmt,
+                        description="Weighted kNN (cosine, exp(s/T) votes) with the frozen online "
+                                    "encoder of a run directory or checkpoint.")
+    k.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    k.add_argument("--train", help="folder of labelled images for the kNN bank")
+    k.add_argument("--test", help="folder of labelled images to classify")
+    k.add_argument("--k", type=int, default=None, help="neighbours (default: the run's eval.knn_k)")
+    k.add_argument("--temperature", type=float, default=None, help="default: eval.knn_temperature")
+    k.add_argument("--batch-size", type=int, default=None)
+    k.add_argument("--device", default="auto")
+    k.add_argument("--workers", type=int, default=None)
+    k.set_defaults(func=cmd_eval_knn)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader worker wrapped it."""
+    msg = str(exc).strip()
+    if "Original Traceback" in msg:
+        msg = msg.splitlines()[-1].split(": ", 1)[-1]
+    return msg.splitlines()[0] if msg else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        if os.environ.get("BYOL_DEBUG"):
+            raise
+        print(f"byol: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("byol: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

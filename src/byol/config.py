@@ -1,0 +1,356 @@
+"""Typed, frozen run configuration: YAML in, dotted ``key=value`` overrides, one-line errors.
+
+A config has seven sections (Data, Augment, Model, Method, Optim, Train, Eval); every field has a
+default, a YAML file sets some of them, and command-line overrides such as ``optim.epochs=1`` win
+over both. Validation happens at construction (``__post_init__``) and every failure is a
+``ConfigError`` whose message names the key and the bad value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from byol.presets import AUGMENT_SETS
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; ``str()`` is one line naming the key."""
+
+
+def _check(cond: bool, key: str, rule: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config: {key} must be {rule}, got {value!r}")
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, key, f"one of {', '.join(map(str, choices))}", value)
+
+
+def _prob(key: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, key, "in [0, 1]", value)
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where images come from. ``dataset``: "folder" (``path``, recursive) or "shapes" (built in)."""
+
+    dataset: str = "folder"
+    path: str | None = None
+    limit: int | None = None  # a seeded random subset of this many files
+    val_fraction: float = 0.1  # held out per class (labelled data) for the kNN evaluation
+    bad_files: str = "skip"  # skip (count and list them) | fail (stop, naming the file)
+    verify: str = "quick"  # quick (header/trailer check) | full (decode every file up front)
+    num_workers: int | None = None  # None: min(4, CPU cores)
+    shapes_size: int = 4000  # images of the built-in "shapes" dataset
+    shapes_image_size: int = 32
+    seed: int = 0  # for limit, the held-out split and the shapes dataset
+
+    def __post_init__(self) -> None:
+        _one_of("data.dataset", self.dataset, ("folder", "shapes"))
+        _one_of("data.bad_files", self.bad_files, ("skip", "fail"))
+        _one_of("data.verify", self.verify, ("quick", "full"))
+        _check(self.limit is None or self.limit > 0, "data.limit", "> 0 or null", self.limit)
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "in [0, 1)", self.val_fraction)
+        w = self.num_workers
+        _check(w is None or w >= 0, "data.num_workers", ">= 0 or null", w)
+        _check(self.shapes_size >= 2, "data.shapes_size", ">= 2", self.shapes_size)
+        _check(self.shapes_image_size >= 8, "data.shapes_image_size", ">= 8", self.shapes_image_size)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The two view distributions T, T' (PAPER.md §3). ``preset`` fills the fields not given."""
+
+    preset: str = "byol"  # a key of presets.AUGMENT_SETS: byol (224 px) | byol32 (no blur)
+    backend: str = "reference"
+    size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: tuple[float, float] = (1.0, 0.1)  # (T, T')
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: tuple[float, float] = (0.0, 0.2)  # (T, T')
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        _one_of("augment.preset", self.preset, tuple(AUGMENT_SETS))
+        _one_of("augment.backend", self.backend, ("reference",))
+        _check(self.size >= 8, "augment.size", ">= 8", self.size)
+        lo, hi = self.crop_scale
+        _check(0.0 < lo <= hi <= 1.0, "augment.crop_scale", "0 < min <= max <= 1", self.crop_scale)
+        for key in ("flip_prob", "jitter_prob", "grayscale_prob"):
+            _prob(f"augment.{key}", getattr(self, key))
+        for key in ("blur_prob", "solarize_prob"):
+            for p in getattr(self, key):
+                _prob(f"augment.{key}", p)
+        _check(0.0 <= self.hue <= 0.5, "augment.hue", "in [0, 0.5]", self.hue)
+        _check(all(s > 0 for s in self.std), "augment.std", "> 0", self.std)
+
+
+@dataclass(frozen=True)
+class Model:
+    """Encoder f and heads g, q (PAPER.md §2)."""
+
+    backbone: str = "resnet50"
+    width: float = 1.0
+    cifar_stem: bool = False
+    projector_hidden: int = 4096
+    projector_out: int = 256
+    predictor_hidden: int = 4096
+    head_norm: str = "bn"
+    target_init: str = "independent"
+    concat_views: bool = False
+
+    def __post_init__(self) -> None:
+        from byol.models.backbones import RESNET_SPECS
+
+        _one_of("model.backbone", self.backbone, tuple(RESNET_SPECS))
+        _check(self.width > 0, "model.width", "> 0", self.width)
+        for key in ("projector_hidden", "projector_out", "predictor_hidden"):
+            _check(getattr(self, key) > 0, f"model.{key}", "> 0", getattr(self, key))
+        _one_of("model.head_norm", self.head_norm, ("bn", "ln", "none"))
+        _one_of("model.target_init", self.target_init, ("independent", "copy"))
+
+
+@dataclass(frozen=True)
+class Method:
+    """Which member of the BYOL family (DESIGN.md "Method variants"). BYOL: the defaults."""
+
+    name: str = "byol"
+    predictor: bool = True
+    target: str = "ema"  # ema | online_stopgrad (SimSiam) | online
+    loss: str = "regression"
+    tau_base: float = 0.996
+    tau_schedule: str = "cosine"  # cosine (PAPER.md §1) | constant
+
+    def __post_init__(self) -> None:
+        _one_of("method.name", self.name, ("byol",))
+        _one_of("method.target", self.target, ("ema", "online_stopgrad", "online"))
+        _one_of("method.loss", self.loss, ("regression",))
+        _prob("method.tau_base", self.tau_base)
+        _one_of("method.tau_schedule", self.tau_schedule, ("cosine", "constant"))
+
+
+@dataclass(frozen=True)
+class Optim:
+    """Optimiser and schedules (PAPER.md §4). The lr is base_lr * batch_size / 256."""
+
+    name: str = "lars"
+    batch_size: int = 4096  # global batch
+    epochs: int = 1000
+    base_lr: float = 0.2
+    warmup_epochs: float = 10.0  # capped at epochs (a 1-epoch trial run of a long config works)
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    trust_coefficient: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _one_of("optim.name", self.name, ("lars", "sgd", "adamw"))
+        _check(self.batch_size >= 2, "optim.batch_size", ">= 2 (BN needs two samples)", self.batch_size)
+        _check(self.epochs >= 1, "optim.epochs", ">= 1", self.epochs)
+        _check(self.base_lr > 0, "optim.base_lr", "> 0", self.base_lr)
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0", self.warmup_epochs)
+        _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        _check(self.trust_coefficient > 0, "optim.trust_coefficient", "> 0", self.trust_coefficient)
+
+
+@dataclass(frozen=True)
+class Train:
+    """The run: where it writes, how often it logs and checkpoints."""
+
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    out_dir: str = "runs"
+    name: str | None = None  # run directory name; default: <config name>-<timestamp>
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 500  # steps between checkpoints/last.pt updates (and each epoch end)
+    keep_every_epochs: int = 0  # also keep checkpoints/epoch_NNNN.pt every N epochs (0: never)
+    max_steps: int | None = None  # stop (and checkpoint) at this global step; schedules unchanged
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
+        _check(self.keep_every_epochs >= 0, "train.keep_every_epochs", ">= 0", self.keep_every_epochs)
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", ">= 1 or null",
+               self.max_steps)
+        _check(self.threads is None or self.threads >= 1, "train.threads", ">= 1 or null", self.threads)
+        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        dev = self.device
+        ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
+        _check(ok, "train.device", "auto, cpu, cuda or cuda:N", dev)
+
+
+@dataclass(frozen=True)
+class Eval:
+    """Weighted kNN on frozen features (PAPER.md §5)."""
+
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    batch_size: int = 256
+    final_knn: bool = True  # after training, when the data has labels
+    initial_knn: bool = False  # also at random init, before the first step (the demo's baseline)
+
+    def __post_init__(self) -> None:
+        _check(self.knn_k >= 1, "eval.knn_k", ">= 1", self.knn_k)
+        _check(self.knn_temperature > 0, "eval.knn_temperature", "> 0", self.knn_temperature)
+        _check(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: Data = field(default_factory=Data)
+    augment: Augment = field(default_factory=Augment)
+    model: Model = field(default_factory=Model)
+    method: Method = field(default_factory=Method)
+    optim: Optim = field(default_factory=Optim)
+    train: Train = field(default_factory=Train)
+    eval: Eval = field(default_factory=Eval)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+# -- loading --------------------------------------------------------------------------------------
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the field's annotated type; ConfigError on mismatch."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config: {key} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module, not user's
+
+
+def _build_section(name: str, raw: dict) -> Any:
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            full = [f"{name}.{f}" for f in fields]
+            raise ConfigError(f"config: unknown key '{name}.{key}'{_suggest(f'{name}.{key}', full)}")
+    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()})
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Nested dict (as in YAML) -> validated Config. Missing keys take their defaults."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"config: unknown section '{name}'{_suggest(str(name), list(SECTIONS))}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"config: section '{name}' must be a mapping, got {body!r}")
+        sections[name] = dict(body)
+    aug = sections.setdefault("augment", {})
+    preset = aug.get("preset", Augment.preset)
+    if preset not in AUGMENT_SETS:
+        raise ConfigError(f"config: augment.preset must be one of {', '.join(AUGMENT_SETS)}, got {preset!r}")
+    sections["augment"] = {**AUGMENT_SETS[preset], **aug}
+    return Config(**{name: _build_section(name, body) for name, body in sections.items()})
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict, in order."""
+    out = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"config: override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        section = out.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"config: section '{parts[0]}' must be a mapping")
+        section[parts[1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config file; ConfigError (one line) when missing or not valid YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: {path}{where}: invalid YAML") from None
+    return raw or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + overrides -> Config."""
+    raw = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Config -> plain nested dict (tuples as lists), suitable for YAML and JSON."""
+
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """Copy of ``cfg`` with some fields changed: ``replace(cfg, optim={"epochs": 2})``."""
+    raw = config_to_dict(cfg)
+    for name, changes in sections.items():
+        raw[name].update(changes)
+    return config_from_dict(raw)

@@ -1,0 +1,326 @@
+"""A recursive folder of images as a dataset: labels from first-level subfolders, bad-file policy.
+
+``scan_folder`` finds the images (sorted, deterministic); ``check_file`` is a cheap structural
+check (magic bytes + end marker, no decode) meant to run over a million files;
+``ImageFolderDataset`` combines them with a ``data.bad_files`` policy (skip or fail) and yields
+uint8 ``[3, H, W]`` RGB tensors for the augmentation pipelines (DESIGN.md, "Data flow").
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision.io
+from PIL import Image
+
+from byol.data.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# torchvision.io decodes JPEG/PNG/WEBP natively; these go straight to PIL instead of raising first.
+_PIL_ONLY_EXTENSIONS = (".bmp", ".tif", ".tiff")
+# A JPEG or PNG may carry a little padding after its end marker; look this far back for it.
+_TAIL_BYTES = 1024
+_HEAD_BYTES = 16
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """The images under ``root`` in sorted relative-path order, with labels when labelled.
+
+    ``labels[i]`` indexes ``classes`` (first-level subfolder names); ``labels`` is None and
+    ``classes`` empty when some image lies directly in ``root``.
+    """
+
+    root: Path
+    files: tuple[Path, ...]
+    labels: tuple[int, ...] | None
+    classes: tuple[str, ...]
+
+
+def _walk_images(root: Path) -> list[str]:
+    """Relative POSIX paths of all non-hidden image files under ``root`` (unsorted).
+
+    ``os.scandir`` rather than ``Path.rglob``: several times faster on folders of millions of
+    files. Symlinked folders are followed (datasets are often assembled from links), with a
+    visited set of (device, inode) so a link cycle cannot loop forever.
+    """
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[str, str]] = [(str(root), "")]
+    while stack:
+        path, rel = stack.pop()
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                entry_rel = f"{rel}{entry.name}"
+                if entry.is_dir():
+                    stack.append((entry.path, entry_rel + "/"))
+                elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(entry_rel)
+    return found
+
+
+def scan_folder(root: str | os.PathLike) -> FolderIndex:
+    """Index the images under ``root`` recursively (hidden files and folders ignored).
+
+    Labelled when every image lies inside a first-level subfolder: the label is the index of
+    that subfolder among the sorted first-level subfolders that hold images (deeper folders
+    belong to their first-level folder). Raises DataError when ``root`` is missing, is a
+    file, or holds no images.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data.path: folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"data.path: not a folder: {root}")
+    rel_paths = sorted(_walk_images(root))
+    if not rel_paths:
+        raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    files = tuple(root / rel for rel in rel_paths)
+    if any("/" not in rel for rel in rel_paths):
+        return FolderIndex(root=root, files=files, labels=None, classes=())
+    firsts = [rel.split("/", 1)[0] for rel in rel_paths]
+    classes = tuple(sorted(set(firsts)))
+    index = {name: k for k, name in enumerate(classes)}
+    return FolderIndex(root=root, files=files, labels=tuple(index[f] for f in firsts),
+                       classes=classes)
+
+
+def _header_kind(head: bytes) -> str | None:
+    """Image format named by the magic bytes at the start of a file, or None."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    return None
+
+
+def check_file(path: str | os.PathLike) -> str | None:
+    """Cheap structural check: None when ``path`` looks like a valid image, else a short reason.
+
+    Reads only the first 16 and the last 1 KiB bytes (no decode), so it is fast enough for a
+    million files; it catches empty files, non-images and the common truncated download
+    (JPEG without its FFD9 end-of-image marker, PNG without its IEND chunk). A file that passes
+    can still fail to decode; ImageFolderDataset handles that at load time.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return "empty file"
+        head = f.read(_HEAD_BYTES)
+        f.seek(max(0, size - _TAIL_BYTES))
+        tail = f.read(_TAIL_BYTES)
+    kind = _header_kind(head)
+    if kind is None:
+        return "not an image (unrecognised header)"
+    # Searching the whole last KiB (not just the last 2 bytes) tolerates zero/whitespace
+    # padding after the marker; FFD9 cannot occur inside entropy-coded data (FF is stuffed).
+    if kind == "jpeg" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if kind == "png" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def _to_rgb_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Normalise a torchvision.io result to uint8 [3, H, W] (16-bit PNGs, animated frames)."""
+    if img.ndim == 4:  # animated WEBP: keep the first frame
+        img = img[0]
+    if img.dtype == torch.uint16:
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    elif img.dtype != torch.uint8:
+        raise ValueError(f"unexpected decoded dtype {img.dtype}")
+    return img.contiguous()
+
+
+def _decode_pil(path: str | os.PathLike) -> torch.Tensor:
+    with Image.open(path) as im:
+        # convert("RGB") maps L, LA, P, RGBA, CMYK, ... to 3 channels (alpha is dropped,
+        # as torchvision's ImageReadMode.RGB does).
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_image(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor [3, H, W].
+
+    torchvision.io for JPEG/PNG/WEBP (the fast path); PIL for BMP/TIFF and whenever
+    torchvision.io raises. Raises DataError naming the file when both decoders fail.
+    """
+    errors: list[str] = []
+    if not str(path).lower().endswith(_PIL_ONLY_EXTENSIONS):
+        try:
+            data = torchvision.io.read_file(str(path))
+            img = torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+            return _to_rgb_uint8(img)
+        except (RuntimeError, ValueError, OSError) as e:
+            errors.append(str(e).strip() or type(e).__name__)
+    try:
+        return _decode_pil(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        errors.append(str(e).strip() or type(e).__name__)
+    raise DataError(f"cannot decode image {path}: {errors[-1]}")
+
+
+def _validate_args(bad_files: str, verify: str, limit: int | None) -> None:
+    if bad_files not in ("skip", "fail"):
+        raise ValueError(f"data.bad_files must be 'skip' or 'fail', got {bad_files!r}")
+    if verify not in ("quick", "full"):
+        raise ValueError(f"data.verify must be 'quick' or 'full', got {verify!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f"data.limit must be a positive integer or None, got {limit!r}")
+
+
+def _limit_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """A seeded random subset of ``limit`` of ``range(n)``, in sorted order.
+
+    Random rather than the first ``limit``: files are sorted by class folder, so a prefix would
+    hold only the first class or two.
+    """
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).permutation(n)[:limit].tolist())
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images of a folder (see ``scan_folder``) as ``(sample, label)`` pairs.
+
+    ``sample`` is ``transform(uint8 [3, H, W])`` (the raw uint8 tensor without a transform);
+    ``label`` is an int, -1 when the folder is unlabelled. ``limit`` keeps a seeded random
+    subset before checking, so fewer than ``limit`` files remain if some are bad. ``classes``
+    always lists every class of the folder, so labels agree with an unlimited scan.
+
+    Bad files: ``verify="quick"`` runs ``check_file`` on every kept file, ``"full"`` decodes
+    each one. ``bad_files="skip"`` drops them and records ``(path, reason)`` in ``skipped``;
+    ``"fail"`` raises DataError naming the first one. A file that passes the quick check but
+    fails to decode in ``__getitem__`` is handled the same way at load time (skip: the next
+    decodable index is returned instead). Inside DataLoader workers these load-time entries go
+    to each worker's copy of ``skipped``; they are not seen by the main process.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, bad_files: str = "skip",
+                 verify: str = "quick", limit: int | None = None, seed: int = 0,
+                 transform: Callable[[torch.Tensor], object] | None = None) -> None:
+        _validate_args(bad_files, verify, limit)
+        index = scan_folder(root)
+        self.root = index.root
+        self.classes: list[str] = list(index.classes)
+        self.bad_files = bad_files
+        self.transform = transform
+        self.skipped: list[tuple[str, str]] = []
+        self._bad_at_load: set[int] = set()
+        check = check_file if verify == "quick" else _full_check
+        files: list[Path] = []
+        labels: list[int] = []
+        for i in _limit_indices(len(index.files), limit, seed):
+            path = index.files[i]
+            reason = check(path)
+            if reason is not None:
+                self._record_bad(path, reason)
+                continue
+            files.append(path)
+            labels.append(index.labels[i] if index.labels is not None else -1)
+        if not files:
+            raise DataError(f"data.path: no usable images under {self.root}: all "
+                            f"{len(self.skipped)} files were skipped as bad")
+        self.files: list[Path] = files
+        self.labels: list[int] | None = labels if index.labels is not None else None
+
+    def _record_bad(self, path: Path, reason: str) -> None:
+        if self.bad_files == "fail":
+            raise DataError(f"bad image file {path}: {reason} "
+                            "(set data.bad_files=skip to skip such files)")
+        self.skipped.append((str(path), reason))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[object, int]:
+        n = len(self.files)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        i %= n
+        # Deterministic fallback: walk forward from i to the next file that decodes.
+        for j in (i + k for k in range(n)):
+            j %= n
+            if j in self._bad_at_load:
+                continue
+            try:
+                img = decode_image(self.files[j])
+            except DataError as e:
+                self._bad_at_load.add(j)
+                self._record_bad(self.files[j], _decode_reason(e, self.files[j]))
+                continue
+            label = self.labels[j] if self.labels is not None else -1
+            return (self.transform(img) if self.transform is not None else img), label
+        raise DataError(f"data.path: no image under {self.root} could be decoded")
+
+
+def _full_check(path: Path) -> str | None:
+    """verify="full": the reason a full decode fails, or None."""
+    try:
+        decode_image(path)
+    except DataError as e:
+        return _decode_reason(e, path)
+    return None
+
+
+def _decode_reason(error: DataError, path: Path) -> str:
+    """The decoder's reason without decode_image's path prefix (callers name the file)."""
+    return str(error).removeprefix(f"cannot decode image {path}: ")
+
+
+def write_skipped(skipped: Sequence[tuple[str, str]], path: str | os.PathLike) -> None:
+    """Write ``path<TAB>reason`` lines (one per skipped file) to ``path``, e.g. in a run dir."""
+    with open(path, "w", encoding="utf-8") as f:
+        for file, reason in skipped:
+            # Tabs/newlines inside a field would break the one-record-per-line format.
+            f.write(f"{_one_field(file)}\t{_one_field(reason)}\n")
+
+
+def _one_field(text: str) -> str:
+    return str(text).replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+def split_per_class(labels: Sequence[int], fraction: float,
+                    seed: int) -> tuple[list[int], list[int]]:
+    """A fixed, class-stratified held-out split of indices ``0..len(labels)-1``.
+
+    Per class, a seeded shuffle of its indices; the first ``round(fraction * n_class)`` are
+    held out, clamped to [1, n_class - 1] for classes of >= 2 items (every class is evaluated
+    and keeps at least one training example) and 0 for singleton classes. Each class has its
+    own generator ``default_rng([seed, class])`` so a class's split does not depend on which
+    other classes exist. Returns sorted, disjoint ``(train_indices, heldout_indices)``.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction!r}")
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    if fraction == 0.0:
+        return list(range(len(labels_arr))), []
+    heldout: list[int] = []
+    for c in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == c)
+        n = len(idx)
+        k = 0 if n < 2 else min(max(round(fraction * n), 1), n - 1)
+        # Class labels may be -1 (unlabelled); offset keeps the rng seed non-negative.
+        rng = np.random.default_rng([seed, int(c) + 1])
+        heldout.extend(rng.permutation(idx)[:k].tolist())
+    held = set(heldout)
+    train = [i for i in range(len(labels_arr)) if i not in held]
+    return train, sorted(heldout)

@@ -1,0 +1,176 @@
+"""Datasets and loaders for pretraining and evaluation, with a resumable sampler.
+
+Augmentations are seeded per sample from (seed, epoch, index): the views of image i in epoch e
+are the same whatever the worker count, the order of loading or a stop and resume in the
+middle of the epoch. That makes resume exact without saving worker RNG states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from byol.augment.views import byol_view_specs, eval_transform, two_view_transform
+from byol.config import Augment, Config, Data
+from byol.data.errors import DataError
+from byol.data.folder import ImageFolderDataset, split_per_class
+from byol.data.shapes import ShapesDataset
+
+
+class ResumableSampler(Sampler):
+    """Seeded permutation per epoch, started at any position; yields (epoch, index) pairs.
+
+    ``set_epoch(epoch, start)`` makes the next iteration yield the permutation of ``epoch`` from
+    its ``start``-th element on: the sampler position a resume restores.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in self.permutation(self.epoch)[self.start :]:
+            yield self.epoch, i
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+class SeededViews(Dataset):
+    """(epoch, i) -> (view1, view2, label): two augmented views drawn from an RNG seeded by
+    (seed, epoch, i). The global torch RNG is forked so the caller's stream is untouched."""
+
+    def __init__(self, base: Dataset, views: Callable, seed: int) -> None:
+        self.base, self.views, self.seed = base, views, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        image, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            v1, v2 = self.views(image)
+        return v1, v2, label
+
+
+class Transformed(Dataset):
+    """Apply a deterministic transform to a dataset of (uint8 image, label)."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+@dataclass
+class PretrainData:
+    """The pretraining views plus, for labelled data, kNN bank (train split) and test split."""
+
+    views: SeededViews
+    bank: Dataset | None
+    test: Dataset | None
+    num_classes: int
+    skipped: list
+
+
+def open_images(data: Data, path: str | None = None) -> Dataset:
+    """The raw dataset of ``data`` (uint8 [3,H,W], label) — a folder or the built-in shapes."""
+    if data.dataset == "shapes" and path is None:
+        return ShapesDataset(data.shapes_size, image_size=data.shapes_image_size, seed=data.seed)
+    path = path or data.path
+    if not path:
+        raise DataError("data.path: required when data.dataset=folder (or use data.dataset=shapes)")
+    return ImageFolderDataset(
+        path, bad_files=data.bad_files, verify=data.verify, limit=data.limit, seed=data.seed
+    )
+
+
+def labels_of(ds: Dataset) -> list[int] | None:
+    labels = getattr(ds, "labels", None)
+    return list(labels) if labels is not None else None
+
+
+def eval_crop_fraction(size: int) -> float:
+    """Centre crop 224/256 for large images (PAPER.md §5); none for small ones like CIFAR."""
+    return 0.875 if size > 64 else 1.0
+
+
+def make_eval_transform(aug: Augment) -> Callable:
+    return eval_transform(aug.size, crop_fraction=eval_crop_fraction(aug.size), mean=aug.mean, std=aug.std)
+
+
+def make_views(aug: Augment) -> Callable:
+    t1, t2 = byol_view_specs(
+        aug.size, crop_scale=aug.crop_scale, crop_ratio=aug.crop_ratio, flip_prob=aug.flip_prob,
+        jitter_prob=aug.jitter_prob, brightness=aug.brightness, contrast=aug.contrast,
+        saturation=aug.saturation, hue=aug.hue, grayscale_prob=aug.grayscale_prob,
+        blur_sigma=aug.blur_sigma, mean=aug.mean, std=aug.std,
+    )
+    t1 = dataclasses.replace(t1, blur_prob=aug.blur_prob[0], solarize_prob=aug.solarize_prob[0])
+    t2 = dataclasses.replace(t2, blur_prob=aug.blur_prob[1], solarize_prob=aug.solarize_prob[1])
+    return two_view_transform(t1, t2)
+
+
+def build_pretrain_data(cfg: Config) -> PretrainData:
+    """Open the images, hold out ``val_fraction`` per class when labelled, wrap for training."""
+    raw = open_images(cfg.data)
+    labels = labels_of(raw)
+    skipped = list(getattr(raw, "skipped", []))
+    if labels is None or cfg.data.val_fraction == 0:
+        train_idx, test_idx = list(range(len(raw))), []
+    else:
+        train_idx, test_idx = split_per_class(labels, cfg.data.val_fraction, cfg.data.seed)
+    if len(train_idx) < cfg.optim.batch_size:
+        raise DataError(
+            f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(train_idx)} "
+            f"training images of {cfg.data.path or cfg.data.dataset}"
+        )
+    train = Subset(raw, train_idx)
+    views = SeededViews(train, make_views(cfg.augment), cfg.train.seed)
+    bank = test = None
+    num_classes = 0
+    if labels is not None and test_idx:
+        tf = make_eval_transform(cfg.augment)
+        bank, test = Transformed(train, tf), Transformed(Subset(raw, test_idx), tf)
+        num_classes = max(labels) + 1
+    return PretrainData(views, bank, test, num_classes, skipped)
+
+
+def default_workers(requested: int | None, device: torch.device | None = None) -> int:
+    """Loader processes: the request, else min(8, cores) on CUDA; on the CPU the workers take
+    cores from the step itself, so none on a machine of <= 2 cores (measured: 0 workers gave
+    the most images/s for the demo on 2 cores; see docs/benchmarks.md)."""
+    if requested is not None:
+        return requested
+    cores = os.cpu_count() or 1
+    if device is not None and device.type == "cuda":
+        return min(8, cores)
+    return 0 if cores <= 2 else min(4, cores // 2)
+
+
+def loader(ds: Dataset, batch_size: int, *, workers: int, sampler=None, drop_last=False,
+           pin_memory=False) -> DataLoader:
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
+    )

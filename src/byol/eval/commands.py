@@ -1,0 +1,77 @@
+"""Evaluation commands on a run directory or checkpoint (the `byol eval ...` CLI)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from byol.config import Config, config_from_dict
+from byol.data.errors import DataError
+from byol.data.folder import ImageFolderDataset
+from byol.data.loader import Transformed, build_pretrain_data, default_workers, make_eval_transform
+from byol.eval.knn import evaluate_knn
+from byol.models.build import build_model
+from byol.train.loop import resolve_device
+from byol.train.run import write_json
+from byol.train.state import find_checkpoint, load_checkpoint
+
+
+def load_run(run_or_checkpoint: str | Path) -> tuple[Config, torch.nn.Module, Path, Path | None]:
+    """-> (config, BYOL model with the checkpoint's weights, checkpoint path, run dir or None)."""
+    ckpt = find_checkpoint(run_or_checkpoint)
+    sd = load_checkpoint(ckpt)
+    if "model" not in sd or "config" not in sd.get("extra", {}):
+        raise DataError(f"{ckpt} is not a byol pretraining checkpoint")
+    cfg = config_from_dict(sd["extra"]["config"])
+    model = build_model(cfg)
+    model.load_state_dict(sd["model"])
+    run_dir = ckpt.parent.parent if (ckpt.parent.parent / "config.yaml").is_file() else None
+    return cfg, model, ckpt, run_dir
+
+
+def _labelled_folder(path: str, flag: str, cfg: Config, classes: list[str] | None = None):
+    ds = ImageFolderDataset(path, bad_files=cfg.data.bad_files, verify=cfg.data.verify)
+    if ds.labels is None:
+        raise DataError(f"{flag}: {path} has no class subfolders (kNN needs labelled images)")
+    if classes is not None and ds.classes != classes:
+        missing = sorted(set(ds.classes) - set(classes))
+        if missing:
+            raise DataError(f"{flag}: classes {missing} of {path} are not in the --train folder")
+        remap = [classes.index(c) for c in ds.classes]
+        ds.labels = [remap[y] for y in ds.labels]
+        ds.classes = classes
+    return ds
+
+
+def knn_command(run: str, *, train: str | None = None, test: str | None = None, k: int | None = None,
+                temperature: float | None = None, batch_size: int | None = None,
+                device: str = "auto", workers: int | None = None) -> dict:
+    """Weighted kNN of the run's online encoder on folders (or the run's own held-out split)."""
+    cfg, model, ckpt, run_dir = load_run(run)
+    dev = resolve_device(device)
+    k = k or cfg.eval.knn_k
+    temperature = temperature or cfg.eval.knn_temperature
+    if (train is None) != (test is None):
+        raise DataError("eval knn: give both --train and --test, or neither (the run's held-out split)")
+    if train is None:
+        data = build_pretrain_data(cfg)
+        if data.bank is None:
+            raise DataError(f"eval knn: the run's data has no labels or no held-out split; give --train and --test")
+        bank, queries, num_classes, tag = data.bank, data.test, data.num_classes, "knn"
+    else:
+        tf = make_eval_transform(cfg.augment)
+        train_ds = _labelled_folder(train, "--train", cfg)
+        test_ds = _labelled_folder(test, "--test", cfg, classes=train_ds.classes)
+        bank, queries = Transformed(train_ds, tf), Transformed(test_ds, tf)
+        num_classes, tag = len(train_ds.classes), f"knn_{Path(test).resolve().name}"
+    out = evaluate_knn(
+        model.encoder.to(dev), bank, queries, num_classes=num_classes, k=k, temperature=temperature,
+        batch_size=batch_size or cfg.eval.batch_size, device=dev,
+        workers=default_workers(workers, dev), progress=True,
+    )
+    out.update(checkpoint=str(ckpt), train=train, test=test)
+    if run_dir is not None:
+        path = run_dir / "eval" / f"{tag}.json"
+        write_json(path, out)
+        out["written_to"] = str(path)
+    return out

@@ -1,0 +1,166 @@
+"""LARS (Layer-wise Adaptive Rate Scaling) as BYOL uses it (PAPER.md §4).
+
+Per parameter w with gradient g, weight decay wd, trust coefficient eta, momentum mu, lr:
+
+    g <- g + wd * w                                   (decay is added to the gradient first)
+    g <- g * eta * ||w|| / ||g||   if lars_adapt      (by 1 when either norm is 0)
+    m <- mu * m + g                                   (trace with m_0 = 0, so m_1 = g_1)
+    w <- w - lr * m
+
+Biases and normalisation parameters get neither the decay nor the trust ratio (the official
+code's ``exclude_bias_from_adaption``); ``excluded_from_decay_and_adaptation`` is the one place
+that decides which parameters those are, and ``param_groups`` turns that into optimizer groups.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+# _NormBase covers BatchNorm1d/2d/3d, SyncBatchNorm, the lazy variants and InstanceNorm1d/2d/3d.
+# LocalResponseNorm is a normalisation layer too but has no parameters, so it needs no entry.
+# RMSNorm exists from torch 2.4 on; the project supports older versions.
+NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
+    t for t in (_NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None
+)
+
+
+def excluded_from_decay_and_adaptation(model: nn.Module) -> set[str]:
+    """Names of the parameters that LARS leaves alone (PAPER.md §4).
+
+    Every bias (a parameter whose own name is ``"bias"``) and every parameter of a
+    normalisation layer (``NORM_LAYERS``) gets neither weight decay nor the LARS trust ratio, as in
+    the official code. Why: these tensors are small, one value per channel, and the network is not
+    invariant to their scale the way it is (through the following normalisation) to a conv
+    weight's. Decaying them pulls the BN scale towards 0 and shrinks activations for no benefit,
+    and the trust ratio eta * ||w|| / ||g|| of a zero-initialised bias is tiny or undefined, which
+    would freeze them.
+
+    Returns qualified names exactly as ``model.named_parameters()`` yields them (so a parameter
+    shared between modules appears once, under its first name).
+    """
+    excluded_ids: set[int] = set()
+    for module in model.modules():
+        is_norm = isinstance(module, NORM_LAYERS)
+        for own_name, param in module.named_parameters(recurse=False):
+            if is_norm or own_name == "bias":
+                excluded_ids.add(id(param))
+    # Map back through named_parameters() so the names match what callers iterate over.
+    return {name for name, p in model.named_parameters() if id(p) in excluded_ids}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two optimizer groups (PAPER.md §4): decayed + adapted, and the excluded ones.
+
+    ``[{"params": regular, "weight_decay": weight_decay, "lars_adapt": True},
+    {"params": excluded, "weight_decay": 0.0, "lars_adapt": False}]``; frozen parameters
+    (``requires_grad=False``) are skipped and an empty group is left out.
+    """
+    excluded = excluded_from_decay_and_adaptation(model)
+    regular: list[nn.Parameter] = []
+    exempt: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (exempt if name in excluded else regular).append(param)
+    groups = [
+        {"params": regular, "weight_decay": weight_decay, "lars_adapt": True},
+        {"params": exempt, "weight_decay": 0.0, "lars_adapt": False},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _validate(lr: float, momentum: float, weight_decay: float, trust_coefficient: float) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"LARS: lr must be >= 0, got {lr}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"LARS: momentum must be in [0, 1), got {momentum}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay}")
+    if not trust_coefficient > 0.0:
+        raise ValueError(f"LARS: trust_coefficient must be > 0, got {trust_coefficient}")
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS with momentum, the optimizer of PAPER.md §4 (see the module docstring for the step).
+
+    Group keys: ``lr``, ``momentum``, ``weight_decay``, ``trust_coefficient`` and ``lars_adapt``
+    (default True; ``param_groups`` sets it False for biases and norm parameters). State per
+    parameter: ``"momentum_buffer"``, created as zeros at the first step (optax ``trace``), so
+    after one step it equals the first (decayed, scaled) gradient.
+
+    The update runs as ``torch._foreach_*`` ops over the tensors of a group that share a device
+    and dtype; the trust ratios are tensor ops (``torch.where`` for the zero-norm case), so a
+    step never waits on the device. ``p.grad`` is not modified.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 1e-3,
+    ):
+        _validate(lr, momentum, weight_decay, trust_coefficient)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, lars_adapt=True)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its own values (overriding the defaults) are validated too."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate(group["lr"], group["momentum"], group["weight_decay"], group["trust_coefficient"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One LARS update of every parameter that has a gradient (PAPER.md §4)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # foreach kernels need one device and one dtype per list.
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+                buckets[(p.device, p.dtype)].append(p)
+            for params in buckets.values():
+                self._update(params, group)
+        return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        grads = [p.grad for p in params]
+        wd = group["weight_decay"]
+        # Out of place: the caller's p.grad stays the raw gradient (clipping, logging, tests).
+        updates = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else [g.clone() for g in grads]
+
+        if group["lars_adapt"]:
+            # Norms in at least float32 (bf16 ones lose digits); a bucket shares one dtype.
+            norm_dtype = torch.promote_types(params[0].dtype, torch.float32)
+            w_norms = torch._foreach_norm(params, 2, dtype=norm_dtype)
+            u_norms = torch._foreach_norm(updates, 2, dtype=norm_dtype)
+            eta = group["trust_coefficient"]
+            ratios = [
+                torch.where((wn > 0) & (un > 0), eta * wn / un, torch.ones_like(wn)).to(u.dtype)
+                for wn, un, u in zip(w_norms, u_norms, updates)
+            ]
+            torch._foreach_mul_(updates, ratios)
+
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                # Zero-initialised trace (optax.trace): m_1 = momentum * 0 + g_1 = g_1.
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, updates)
+        torch._foreach_add_(params, bufs, alpha=-group["lr"])

@@ -1,0 +1,67 @@
+"""The paper's tables as data (PAPER.md §3 and §4), so no number is sprinkled through the code.
+
+``PAPER_SCHEDULES`` holds the official presets by run length; ``AUGMENT_SETS`` the view
+distributions T and T' by name, with keys that match the fields of ``config.Augment``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# PAPER.md §4: batch 4096 on 512 TPU v3 cores, 10 warm-up epochs, LARS momentum 0.9, eta 1e-3.
+PAPER_BATCH_SIZE = 4096
+PAPER_WARMUP_EPOCHS = 10
+PAPER_MOMENTUM = 0.9
+PAPER_TRUST_COEFFICIENT = 1e-3
+
+# PAPER.md §4, official presets by length: epochs -> base lr (scaled by batch / 256), weight
+# decay, tau_base. Shorter runs use a smaller tau_base so the target keeps up with the online net.
+PAPER_SCHEDULES: dict[int, dict[str, float]] = {
+    40: {"base_lr": 0.45, "weight_decay": 1e-6, "tau_base": 0.97},
+    100: {"base_lr": 0.45, "weight_decay": 1e-6, "tau_base": 0.99},
+    300: {"base_lr": 0.3, "weight_decay": 1e-6, "tau_base": 0.99},
+    1000: {"base_lr": 0.2, "weight_decay": 1.5e-6, "tau_base": 0.996},
+}
+
+# PAPER.md §4: the small-batch setting that still gave 73.7% (ImageNet, 1000 epochs).
+PAPER_BATCH_512: dict[str, float] = {"batch_size": 512, "base_lr": 0.4, "tau_base": 0.9995}
+
+
+def paper_schedule(epochs: int) -> dict[str, float]:
+    """The official (base_lr, weight_decay, tau_base) for a run of ``epochs`` (PAPER.md §4).
+
+    Returns a copy, so callers may change it without touching the table.
+    """
+    if epochs not in PAPER_SCHEDULES:
+        valid = ", ".join(str(e) for e in PAPER_SCHEDULES)
+        raise ValueError(f"paper_schedule: no official preset for {epochs} epochs (choose from {valid})")
+    return dict(PAPER_SCHEDULES[epochs])
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# PAPER.md §3 (paper Table 6). Pairs are (min, max) ranges, except blur_prob and solarize_prob,
+# which are (T, T') probabilities: the asymmetry between the two views is part of the method.
+_BYOL: dict[str, Any] = {
+    "size": 224,
+    "crop_scale": (0.08, 1.0),
+    "crop_ratio": (3 / 4, 4 / 3),
+    "flip_prob": 0.5,
+    "jitter_prob": 0.8,
+    "brightness": 0.4,
+    "contrast": 0.4,
+    "saturation": 0.2,
+    "hue": 0.1,
+    "grayscale_prob": 0.2,
+    "blur_prob": (1.0, 0.1),
+    "blur_sigma": (0.1, 2.0),
+    "solarize_prob": (0.0, 0.2),
+    "mean": _IMAGENET_MEAN,
+    "std": _IMAGENET_STD,
+}
+
+AUGMENT_SETS: dict[str, dict[str, Any]] = {
+    "byol": _BYOL,
+    # 32 px (CIFAR): blur left out, a 3-pixel kernel does little (PAPER.md §3).
+    "byol32": {**_BYOL, "size": 32, "blur_prob": (0.0, 0.0)},
+}

@@ -1,0 +1,195 @@
+"""The pretraining loop: data, model, schedules, logging, checkpoints, resume, final kNN.
+
+    result = pretrain(cfg)                      # a new run under cfg.train.out_dir
+    result = pretrain(cfg, resume="runs/x")     # continue runs/x from checkpoints/last.pt
+"""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from byol import distributed
+from byol.config import Config, config_to_dict, save_config
+from byol.data.folder import write_skipped
+from byol.data.loader import ResumableSampler, build_pretrain_data, default_workers, loader
+from byol.eval.knn import evaluate_knn
+from byol.models.build import build_model
+from byol.optim import build_optimizer, cosine_tau, constant_tau, scaled_lr, warmup_cosine_lr
+from byol.train.run import MetricsLogger, new_run_dir, truncate_metrics, write_json
+from byol.train.state import CHECKPOINT_DIR, LAST, TrainState, atomic_save, find_checkpoint, load_checkpoint
+from byol.train.step import train_step
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    step: int
+    finished: bool  # False when stopped early (max_steps or a signal); resume to continue
+    knn: dict | None = None
+    knn_init: dict | None = None
+    skipped: list = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"config: train.device={name} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    return ("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no early stop
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Schedules:
+    """lr and tau as pure functions of the global step (PAPER.md §1, §4)."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: int) -> None:
+        self.total = cfg.optim.epochs * steps_per_epoch
+        self.warmup = min(self.total, round(cfg.optim.warmup_epochs * steps_per_epoch))
+        self.peak = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size)
+        self.tau_base = cfg.method.tau_base
+        self.tau_fn = cosine_tau if cfg.method.tau_schedule == "cosine" else constant_tau
+
+    def lr(self, step: int) -> float:
+        return warmup_cosine_lr(step, self.total, self.warmup, self.peak)
+
+    def tau(self, step: int) -> float:
+        return self.tau_fn(step, self.total, self.tau_base)
+
+
+def _knn(cfg: Config, model, data, device, workers: int) -> dict:
+    return evaluate_knn(
+        model.encoder, data.bank, data.test, num_classes=data.num_classes, k=cfg.eval.knn_k,
+        temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size, device=device,
+        workers=workers, progress=cfg.train.progress,
+    )
+
+
+def _save(state: TrainState, run_dir: Path, *, keep_epoch: int | None = None) -> None:
+    if not distributed.is_main():
+        return
+    sd = state.state_dict()
+    atomic_save(sd, run_dir / CHECKPOINT_DIR / LAST)
+    if keep_epoch is not None:
+        atomic_save(sd, run_dir / CHECKPOINT_DIR / f"epoch_{keep_epoch:04d}.pt")
+
+
+def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol") -> PretrainResult:
+    """Train ``cfg`` from scratch, or continue the run directory ``resume``."""
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    data = build_pretrain_data(cfg)
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer(
+        cfg.optim.name, model, lr=0.0, weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient,
+    )
+    state = TrainState(model, optimizer, extra={"config": config_to_dict(cfg), "elapsed": 0.0})
+    if resume is not None:
+        run_dir = Path(resume)
+        state.load_state_dict(load_checkpoint(find_checkpoint(run_dir)))
+        truncate_metrics(run_dir, state.step)
+    else:
+        run_dir = new_run_dir(cfg.train.out_dir, cfg.train.name, stem)
+        run_dir.mkdir(parents=True, exist_ok=cfg.train.name is not None)
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+        if data.skipped:
+            write_skipped(data.skipped, run_dir / "skipped_files.tsv")
+    result = PretrainResult(run_dir, state.step, finished=False, skipped=data.skipped)
+    workers = default_workers(cfg.data.num_workers, device)
+    if cfg.eval.initial_knn and data.bank is not None and state.step == 0:
+        result.knn_init = _knn(cfg, model, data, device, workers)
+        write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
+    _train(cfg, state, data, run_dir, device, precision, workers, result)
+    if result.finished and cfg.eval.final_knn and data.bank is not None:
+        result.knn = _knn(cfg, model, data, device, workers)
+        write_json(run_dir / "eval" / "knn.json", {**result.knn, "step": state.step})
+    return result
+
+
+def _train(cfg, state, data, run_dir, device, precision, workers, result) -> None:
+    batch = cfg.optim.batch_size
+    steps_per_epoch = len(data.views) // batch
+    sched = Schedules(cfg, steps_per_epoch)
+    stop_at = min(sched.total, cfg.train.max_steps or sched.total)
+    sampler = ResumableSampler(len(data.views), seed=cfg.train.seed)
+    logger = MetricsLogger(run_dir)
+    bar = tqdm(total=sched.total, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=not (cfg.train.progress and distributed.is_main()))
+    model = state.model.train()
+    t_start, t_log, n_log = time.time(), time.time(), 0
+    with StopFlag() as stop:
+        while state.step < stop_at and not stop.set:
+            sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch)
+            dl = loader(data.views, batch, workers=workers, sampler=sampler, drop_last=True,
+                        pin_memory=device.type == "cuda")
+            for v1, v2, _ in dl:
+                v1, v2 = v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
+                lr, tau = sched.lr(state.step), sched.tau(state.step)
+                stats = train_step(model, state.optimizer, v1, v2, lr=lr, tau=tau, precision=precision)
+                state.step += 1
+                state.step_in_epoch += 1
+                n_log += batch
+                bar.update(1)
+                if state.step % cfg.train.log_every == 0 or state.step == stop_at:
+                    now = time.time()
+                    row = {k: float(v) for k, v in stats.items()}  # the only host sync
+                    row.update(lr=lr, tau=tau, epoch=state.epoch, images_per_s=n_log / (now - t_log))
+                    logger.log(state.step, row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
+                                    img_s=f"{row['images_per_s']:.0f}")
+                    t_log, n_log = now, 0
+                if state.step_in_epoch == steps_per_epoch:
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                    keep = cfg.train.keep_every_epochs
+                    state.extra["elapsed"] += time.time() - t_start
+                    t_start = time.time()
+                    _save(state, run_dir, keep_epoch=state.epoch if keep and state.epoch % keep == 0 else None)
+                elif state.step % cfg.train.checkpoint_every == 0:
+                    state.extra["elapsed"] += time.time() - t_start
+                    t_start = time.time()
+                    _save(state, run_dir)
+                if state.step >= stop_at or stop.set:
+                    break
+    state.extra["elapsed"] += time.time() - t_start
+    _save(state, run_dir)
+    bar.close()
+    logger.close()
+    result.step = state.step
+    result.finished = state.step >= sched.total

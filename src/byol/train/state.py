@@ -1,0 +1,118 @@
+"""TrainState: everything a resume needs, saved and loaded whole (STYLE.md rule 3).
+
+Checkpoints are written to a temporary file in the same folder and renamed over the old one,
+so a crash while saving never leaves a half-written checkpoint. They hold only tensors and
+plain Python values and are loaded with ``weights_only=True``: loading never runs code.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from byol.data.errors import DataError
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Model (online + target), optimizer, position (step, epoch, step in epoch), RNG states."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    extra: dict = field(default_factory=dict)  # e.g. the resolved config, elapsed time
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "rng": capture_rng(),
+            "extra": self.extra,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.step, self.epoch, self.step_in_epoch = sd["step"], sd["epoch"], sd["step_in_epoch"]
+        self.extra = dict(sd.get("extra", {}))
+        restore_rng(sd["rng"])
+
+
+def capture_rng() -> dict[str, Any]:
+    """All RNG states as tensors and plain values (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    rng = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = rng["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file with weights_only=True; DataError (one line) if unreadable."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"checkpoint not found: {path}") from None
+    except Exception as exc:  # a corrupt or foreign file: name it, no traceback
+        raise DataError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+def find_checkpoint(run_or_file: str | Path) -> Path:
+    """A checkpoint file, or a run directory -> its checkpoints/last.pt. One-line error if none."""
+    p = Path(run_or_file)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise DataError(f"no such run directory or checkpoint: {p}")
+    last = p / CHECKPOINT_DIR / LAST
+    if not last.is_file():
+        raise DataError(f"no checkpoint in {p} (expected {last})")
+    return last

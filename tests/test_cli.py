@@ -1,0 +1,142 @@
+"""The `byol` command end to end: real effects, and one-line errors with exit code 2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from byol.cli import main
+from byol.train.state import find_checkpoint
+
+from conftest import TINY, add_bad_files, write_shapes_folder
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_resnet18.yaml"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "byol", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_pretrain_on_a_folder_end_to_end(tmp_path):
+    """A few steps through the real command: loss drops, checkpoint loads, kNN is written."""
+    data = write_shapes_folder(tmp_path / "imgs", n=60, classes=3)
+    out = run_cli("pretrain", "--config", str(CONFIG), *TINY, f"data.path={data}",
+                  "data.val_fraction=0.2", "optim.epochs=6", "optim.base_lr=1.0",
+                  f"train.out_dir={tmp_path / 'runs'}", "train.name=e2e")
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "runs" / "e2e"
+    assert f"run directory: {run}" in out.stdout
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 36  # 48 train images / batch 8 = 6 steps x 6 epochs
+    first, last = sum(r["loss"] for r in rows[:6]) / 6, sum(r["loss"] for r in rows[-6:]) / 6
+    assert last < first - 0.1, (first, last)
+    sd = torch.load(find_checkpoint(run), weights_only=True)
+    assert sd["step"] == 36 and "encoder.conv1.weight" in sd["model"]
+    knn = json.loads((run / "eval" / "knn.json").read_text())
+    assert knn["n_test"] == 12 and 0 <= knn["top1"] <= 100
+    assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
+
+    # evaluate the same checkpoint on folders (transfer-style) through `byol eval knn`
+    out = run_cli("eval", "knn", str(run), "--train", str(data), "--test", str(data), "--k", "3")
+    assert out.returncode == 0, out.stderr
+    assert "top-1" in out.stdout and (run / "eval" / "knn_imgs.json").is_file()
+
+
+def _expect_error(capsys, args, *needles):
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("byol: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _pretrain(tmp_path, *extra):
+    return ["pretrain", "--config", str(CONFIG), *TINY, f"train.out_dir={tmp_path / 'runs'}", *extra]
+
+
+def test_missing_data_path(tmp_path, capsys):
+    _expect_error(capsys, _pretrain(tmp_path, f"data.path={tmp_path / 'nope'}"), "folder not found", "nope")
+
+
+def test_data_path_not_given(tmp_path, capsys):
+    _expect_error(capsys, _pretrain(tmp_path), "data.path")
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _expect_error(capsys, _pretrain(tmp_path, f"data.path={tmp_path / 'empty'}"), "no images", "empty")
+
+
+def test_bad_files_are_skipped_and_listed(tmp_path, capsys):
+    data = write_shapes_folder(tmp_path / "imgs", n=24, classes=2)
+    bad = add_bad_files(data)
+    code = main(_pretrain(tmp_path, f"data.path={data}", "train.name=skip", "train.max_steps=1",
+                          "data.val_fraction=0"))
+    assert code == 0
+    listed = (tmp_path / "runs" / "skip" / "skipped_files.tsv").read_text()
+    for path in bad:
+        assert str(path) in listed
+    assert "skipped 3 unreadable image(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_bad_files_fail_policy_names_the_file(tmp_path, capsys, which):
+    data = write_shapes_folder(tmp_path / "imgs", n=12, classes=2)
+    bad = add_bad_files(data)
+    for i, path in enumerate(bad):
+        if i != which:
+            path.unlink()
+    _expect_error(capsys, _pretrain(tmp_path, f"data.path={data}", "data.bad_files=fail"), str(bad[which]))
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path, capsys):
+    _expect_error(capsys, _pretrain(tmp_path, "optim.bach_size=8"), "optim.bach_size", "optim.batch_size")
+
+
+@pytest.mark.parametrize("override,needle", [("method.tau_base=1.5", "method.tau_base"),
+                                             ("optim.batch_size=0", "optim.batch_size"),
+                                             ("optim.epochs=ten", "optim.epochs")])
+def test_wrong_type_or_range(tmp_path, capsys, override, needle):
+    _expect_error(capsys, _pretrain(tmp_path, override), needle)
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("optim:\n  epochs: 1\n")
+    _expect_error(capsys, ["pretrain", "--resume", str(run)], "no checkpoint", str(run))
+    _expect_error(capsys, ["pretrain", "--resume", str(tmp_path / "nope")], "nope")
+
+
+def test_missing_config_file(tmp_path, capsys):
+    _expect_error(capsys, ["pretrain", "--config", str(tmp_path / "x.yaml")], "x.yaml", "built-in configs")
+
+
+def test_batch_larger_than_dataset(tmp_path, capsys):
+    data = write_shapes_folder(tmp_path / "imgs", n=6, classes=2)
+    _expect_error(capsys, _pretrain(tmp_path, f"data.path={data}", "optim.batch_size=64"), "optim.batch_size=64")
+
+
+def test_error_from_the_real_process_has_no_traceback(tmp_path):
+    out = run_cli(*_pretrain(tmp_path, "method.tau_base=1.5"))
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert "method.tau_base must be in [0, 1], got 1.5" in out.stderr
+
+
+@pytest.mark.parametrize("cmd", [["--help"], ["pretrain", "--help"], ["demo", "--help"], ["eval", "knn", "--help"]])
+def test_help_has_an_example(cmd, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(cmd)
+    assert exit_.value.code == 0
+    assert "byol" in capsys.readouterr().out

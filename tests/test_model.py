@@ -1,0 +1,183 @@
+"""BYOL module, loss and backbones against analytic values (PAPER.md §1-2)."""
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from byol.losses import regression_loss, symmetric_regression_loss
+from byol.models import BYOL, MLPHead, normalized_std, resnet
+
+
+def tiny_byol(**kw) -> BYOL:
+    torch.manual_seed(0)
+    enc = resnet("resnet18", width=0.125, cifar_stem=True)
+    return BYOL(enc, enc.feature_dim, projector_hidden=32, projector_out=16, predictor_hidden=32, **kw)
+
+
+def test_loss_of_known_vectors():
+    p = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0], [0.0, 2.0]])
+    z = torch.tensor([[5.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # 2 - 2cos: aligned 0, opposite 4, cos=0.8 -> 0.4, cos=1/sqrt2 -> 2 - sqrt2
+    expected = torch.tensor([0.0, 4.0, 0.4, 2.0 - math.sqrt(2.0)])
+    torch.testing.assert_close(regression_loss(p, z), expected)
+    # equals the squared distance of the normalised vectors
+    dist = (p / p.norm(dim=1, keepdim=True) - z / z.norm(dim=1, keepdim=True)).pow(2).sum(1)
+    torch.testing.assert_close(regression_loss(p, z), dist)
+
+
+def test_symmetric_loss_is_the_sum_of_both_directions():
+    p1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    z1 = torch.tensor([[1.0, 0.0], [0.0, -1.0]])  # target of view 1
+    z2 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # target of view 2
+    # l(p1, z2) = mean(0, 2) = 1; l(p2, z1) = mean(2, 4) = 3; summed, not averaged: 4
+    assert symmetric_regression_loss(p1, p2, z1, z2).item() == pytest.approx(4.0)
+
+
+def test_forward_loss_matches_manual_computation():
+    model = tiny_byol()
+    v1, v2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    loss, stats = model(v1, v2)
+    # recompute by hand; BN in train mode uses per-view batch statistics, so per view is exact
+    p1 = model.predictor(model.projector(model.encoder(v1)))
+    p2 = model.predictor(model.projector(model.encoder(v2)))
+    with torch.no_grad():
+        t1 = model.target_projector(model.target_encoder(v1))
+        t2 = model.target_projector(model.target_encoder(v2))
+    manual = regression_loss(p1, t2).mean() + regression_loss(p2, t1).mean()
+    torch.testing.assert_close(loss, manual)
+    assert set(stats) >= {"loss", "z_std"} and not stats["loss"].requires_grad
+
+
+def test_no_gradient_reaches_the_target():
+    model = tiny_byol()
+    loss, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    loss.backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.target_parameters())
+    online = [*model.encoder.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in online)
+
+
+def test_target_initialisation_independent_or_copy():
+    indep, copy = tiny_byol(), tiny_byol(target_init="copy")
+    same = [torch.equal(a, b) for a, b in zip(indep.online_parameters(), indep.target_parameters())]
+    conv_weights_equal = [
+        torch.equal(a, b)
+        for (n, a), b in zip(indep.encoder.named_parameters(), indep.target_encoder.parameters())
+        if "conv" in n
+    ]
+    assert not any(conv_weights_equal)  # fresh draws for every conv
+    assert not all(same)
+    assert all(torch.equal(a, b) for a, b in zip(copy.online_parameters(), copy.target_parameters()))
+
+
+def test_ema_after_n_steps_equals_closed_form():
+    model = tiny_byol()
+    xi0 = [p.detach().clone() for p in model.target_parameters()]
+    theta = [p.detach().clone() for p in model.online_parameters()]
+    taus = [0.9, 0.5, 0.99, 0.0, 0.7]
+    for tau in taus:
+        model.update_target(tau)
+    # online fixed: xi_n = prod(tau) xi_0 + (1 - prod(tau)) theta
+    prod = math.prod(taus)
+    for x0, th, x in zip(xi0, theta, model.target_parameters()):
+        torch.testing.assert_close(x, prod * x0 + (1 - prod) * th, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_with_changing_online_weights_matches_recursion():
+    model = tiny_byol()
+    xi = [p.detach().clone() for p in model.target_parameters()]
+    for step, tau in enumerate([0.99, 0.9, 0.95]):
+        with torch.no_grad():
+            for p in model.online_parameters():
+                p.add_(0.01 * (step + 1))
+        model.update_target(tau)
+        xi = [tau * x + (1 - tau) * th.detach() for x, th in zip(xi, model.online_parameters())]
+    for x, got in zip(xi, model.target_parameters()):
+        torch.testing.assert_close(got, x, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_leaves_batchnorm_buffers_alone():
+    model = tiny_byol()
+    model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    before = {k: v.clone() for k, v in model.target_encoder.state_dict().items() if "running" in k}
+    model.update_target(0.0)
+    after = {k: v for k, v in model.target_encoder.state_dict().items() if "running" in k}
+    online = {k: v for k, v in model.encoder.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(after[k], online[k]) for k in after)
+
+
+def test_update_target_rejects_bad_tau():
+    with pytest.raises(ValueError, match="tau"):
+        tiny_byol().update_target(1.5)
+
+
+def test_target_sees_each_view_separately():
+    """The default runs BN per view; concat_views mixes both views' statistics."""
+    torch.manual_seed(1)
+    v1, v2 = torch.randn(4, 3, 16, 16), 3 + torch.randn(4, 3, 16, 16)
+    sep, cat = tiny_byol(), tiny_byol(concat_views=True)
+    cat.load_state_dict(sep.state_dict())
+    l_sep, _ = sep(v1, v2)
+    l_cat, _ = cat(v1, v2)
+    assert not torch.allclose(l_sep, l_cat)
+
+
+def test_simsiam_and_no_stopgrad_variants_have_no_target_network():
+    for mode in ("online_stopgrad", "online"):
+        model = tiny_byol(target=mode)
+        assert model.target_parameters() == []
+        loss, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+        loss.backward()
+        model.update_target(0.5)  # a no-op, not an error
+
+
+def test_heads_shapes_and_layers():
+    head = MLPHead(2048, 4096, 256)
+    assert head(torch.randn(3, 2048)).shape == (3, 256)
+    linear1, norm, _, linear2 = head.net
+    assert isinstance(norm, nn.BatchNorm1d) and linear1.bias is not None and linear2.bias is None
+    with pytest.raises(ValueError, match="norm"):
+        MLPHead(8, 8, 8, norm="batch")
+
+
+@pytest.mark.parametrize(
+    "name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048)]
+)
+def test_backbones_match_torchvision(name, dim):
+    ours = resnet(name)
+    tv = getattr(torchvision.models, name)()
+    tv.fc = nn.Identity()
+    assert ours.feature_dim == dim
+    ours.load_state_dict(tv.state_dict())  # same names and shapes
+    x = torch.randn(2, 3, 64, 64)
+    ours.eval(), tv.eval()
+    torch.testing.assert_close(ours(x), tv(x))
+
+
+def test_width_multiplier_and_cifar_stem():
+    wide = resnet("resnet50", width=2, cifar_stem=True)
+    assert wide.feature_dim == 4096 and wide.conv1.kernel_size == (3, 3) and wide.conv1.stride == (1, 1)
+    assert isinstance(wide.maxpool, nn.Identity)
+    assert wide(torch.randn(2, 3, 32, 32)).shape == (2, 4096)
+    assert resnet("resnet200").layer3.__len__() == 36
+    with pytest.raises(ValueError, match="model.backbone"):
+        resnet("resnet19")
+
+
+def test_any_user_backbone_works():
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = BYOL(backbone, 8, projector_hidden=16, projector_out=8, predictor_hidden=16)
+    loss, _ = model(torch.randn(4, 3, 12, 12), torch.randn(4, 3, 12, 12))
+    loss.backward()
+    assert not torch.equal(model.encoder[0].weight, model.target_encoder[0].weight)
+
+
+def test_normalized_std_detects_collapse():
+    torch.manual_seed(0)
+    healthy = normalized_std(torch.randn(512, 64))
+    collapsed = normalized_std(torch.ones(512, 64) + 1e-4 * torch.randn(512, 64))
+    assert 0.9 < healthy < 1.1 and collapsed < 0.01
