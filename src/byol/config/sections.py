@@ -1,4 +1,4 @@
-"""Typed, frozen run configuration: YAML in, dotted ``key=value`` overrides, one-line errors.
+"""The seven config sections as typed, frozen dataclasses, validated at construction.
 
 A config has seven sections (Data, Augment, Model, Method, Optim, Train, Eval); every field has a
 default, a YAML file sets some of them, and command-line overrides such as ``optim.epochs=1`` win
@@ -8,13 +8,8 @@ over both. Validation happens at construction (``__post_init__``) and every fail
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from byol.presets import AUGMENT_SETS
 
@@ -225,132 +220,3 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
-
-
-# -- loading --------------------------------------------------------------------------------------
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert a YAML value to the field's annotated type; ConfigError on mismatch."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"config: {key} must be a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config: {key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config: {key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config: {key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config: {key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module, not user's
-
-
-def _build_section(name: str, raw: dict) -> Any:
-    cls = SECTIONS[name]
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in hints:
-            full = [f"{name}.{f}" for f in fields]
-            raise ConfigError(f"config: unknown key '{name}.{key}'{_suggest(f'{name}.{key}', full)}")
-    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()})
-
-
-def config_from_dict(raw: dict) -> Config:
-    """Nested dict (as in YAML) -> validated Config. Missing keys take their defaults."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
-    sections = {}
-    for name, body in raw.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"config: unknown section '{name}'{_suggest(str(name), list(SECTIONS))}")
-        if body is None:
-            body = {}
-        if not isinstance(body, dict):
-            raise ConfigError(f"config: section '{name}' must be a mapping, got {body!r}")
-        sections[name] = dict(body)
-    aug = sections.setdefault("augment", {})
-    preset = aug.get("preset", Augment.preset)
-    if preset not in AUGMENT_SETS:
-        raise ConfigError(f"config: augment.preset must be one of {', '.join(AUGMENT_SETS)}, got {preset!r}")
-    sections["augment"] = {**AUGMENT_SETS[preset], **aug}
-    return Config(**{name: _build_section(name, body) for name, body in sections.items()})
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict, in order."""
-    out = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"config: override {item!r} must look like section.key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        section = out.setdefault(parts[0], {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"config: section '{parts[0]}' must be a mapping")
-        section[parts[1]] = value
-    return out
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Read a config file; ConfigError (one line) when missing or not valid YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config: {path}{where}: invalid YAML") from None
-    return raw or {}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + overrides -> Config."""
-    raw = read_yaml(path) if path is not None else {}
-    return config_from_dict(apply_overrides(raw, overrides or []))
-
-
-def config_to_dict(cfg: Config) -> dict:
-    """Config -> plain nested dict (tuples as lists), suitable for YAML and JSON."""
-
-    def plain(v: Any) -> Any:
-        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def replace(cfg: Config, **sections: dict) -> Config:
-    """Copy of ``cfg`` with some fields changed: ``replace(cfg, optim={"epochs": 2})``."""
-    raw = config_to_dict(cfg)
-    for name, changes in sections.items():
-        raw[name].update(changes)
-    return config_from_dict(raw)
