@@ -56,7 +56,7 @@ def knn_command(run: str, *, train: str | None = None, test: str | None = None, 
     if train is None:
         data = build_pretrain_data(cfg)
         if data.bank is None:
-            raise DataError(f"eval knn: the run's data has no labels or no held-out split; give --train and --test")
+            raise DataError("eval knn: the run's data has no labels or no held-out split; give --train and --test")
         bank, queries, num_classes, tag = data.bank, data.test, data.num_classes, "knn"
     else:
         tf = make_eval_transform(cfg.augment)
