@@ -177,6 +177,7 @@ class Train:
     max_steps: int | None = None  # stop (and checkpoint) at this global step; schedules unchanged
     threads: int | None = None  # torch CPU threads; None: torch's default
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPU and GPU)
     progress: bool = True
 
     def __post_init__(self) -> None:

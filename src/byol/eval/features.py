@@ -25,7 +25,9 @@ def extract_features(
     feats, labels = [], []
     try:
         for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            feats.append(encoder(x.to(device, non_blocking=True)).float().cpu())
+            # NHWC: the encoder may be in channels_last (train.channels_last); a no-op cost if not
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            feats.append(encoder(x).float().cpu())
             labels.append(torch.as_tensor(y))
     finally:
         encoder.train(was_training)

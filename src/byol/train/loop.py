@@ -97,6 +97,25 @@ def _knn(cfg: Config, model, data, device, workers: int) -> dict:
     )
 
 
+def _summary(cfg, data, model, device, precision, workers, run_dir, step) -> str:
+    n_train = len(data.views)
+    held = f", {len(data.test)} held out for kNN, {data.num_classes} classes" if data.test else ""
+    steps = n_train // cfg.optim.batch_size
+    params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+    m = cfg.model
+    start = f"resuming at step {step}" if step else "starting"
+    return (
+        f"{start}: {run_dir}\n"
+        f"  data:   {n_train} training images{held}\n"
+        f"  model:  {m.backbone} x{m.width:g}{' (CIFAR stem)' if m.cifar_stem else ''}, "
+        f"{params:.2f}M encoder parameters\n"
+        f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}, {steps} steps/epoch x "
+        f"{cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps, peak lr "
+        f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base} -> 1\n"
+        f"  device: {device} ({precision}), {workers} loader workers"
+    )
+
+
 def _save(state: TrainState, run_dir: Path, *, keep_epoch: int | None = None) -> None:
     if not distributed.is_main():
         return
@@ -114,7 +133,8 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     data = build_pretrain_data(cfg)
-    model = build_model(cfg).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = build_model(cfg).to(device, memory_format=memory_format)
     optimizer = build_optimizer(
         cfg.optim.name, model, lr=0.0, weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient,
@@ -133,6 +153,8 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
             write_skipped(data.skipped, run_dir / "skipped_files.tsv")
     result = PretrainResult(run_dir, state.step, finished=False, skipped=data.skipped)
     workers = default_workers(cfg.data.num_workers, device)
+    if distributed.is_main():
+        print(_summary(cfg, data, model, device, precision, workers, run_dir, state.step), flush=True)
     if cfg.eval.initial_knn and data.bank is not None and state.step == 0:
         result.knn_init = _knn(cfg, model, data, device, workers)
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
@@ -145,6 +167,7 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
 
 def _train(cfg, state, data, run_dir, device, precision, workers, result) -> None:
     batch = cfg.optim.batch_size
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     steps_per_epoch = len(data.views) // batch
     sched = Schedules(cfg, steps_per_epoch)
     stop_at = min(sched.total, cfg.train.max_steps or sched.total)
@@ -160,7 +183,8 @@ def _train(cfg, state, data, run_dir, device, precision, workers, result) -> Non
             dl = loader(data.views, batch, workers=workers, sampler=sampler, drop_last=True,
                         pin_memory=device.type == "cuda")
             for v1, v2, _ in dl:
-                v1, v2 = v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
+                v1, v2 = (v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                          for v in (v1, v2))
                 lr, tau = sched.lr(state.step), sched.tau(state.step)
                 stats = train_step(model, state.optimizer, v1, v2, lr=lr, tau=tau, precision=precision)
                 state.step += 1
