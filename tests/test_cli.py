@@ -24,7 +24,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
-def test_pretrain_on_a_folder_end_to_end(tmp_path):
+def test_pretrain_on_a_folder_end_to_end(tmp_path, capsys):
     """A few steps through the real command: loss drops, checkpoint loads, kNN is written."""
     data = write_shapes_folder(tmp_path / "imgs", n=60, classes=3)
     out = run_cli("pretrain", "--config", str(CONFIG), *TINY, f"data.path={data}",
@@ -47,6 +47,9 @@ def test_pretrain_on_a_folder_end_to_end(tmp_path):
     out = run_cli("eval", "knn", str(run), "--train", str(data), "--test", str(data), "--k", "3")
     assert out.returncode == 0, out.stderr
     assert "top-1" in out.stdout and (run / "eval" / "knn_imgs.json").is_file()
+    _expect_error(capsys, ["eval", "knn", str(run), "--k", "0"], "--k >= 1")
+    _expect_error(capsys, ["eval", "knn", str(run), "--device", "gpu0"], "--device must be")
+    _expect_error(capsys, ["eval", "knn", str(run), "--train", str(data)], "both --train and --test")
 
 
 def _expect_error(capsys, args, *needles):
@@ -140,3 +143,58 @@ def test_help_has_an_example(cmd, capsys):
         main(cmd)
     assert exit_.value.code == 0
     assert "byol" in capsys.readouterr().out
+
+
+def test_resume_after_max_steps_runs_to_the_end(tmp_path, capsys):
+    args = _pretrain(tmp_path, "data.dataset=shapes", "data.shapes_size=40", "data.val_fraction=0",
+                     "optim.epochs=1", "train.name=ms", "train.max_steps=2")
+    assert main(args) == 0
+    run = tmp_path / "runs" / "ms"
+    assert f"continue with: byol pretrain --resume {run}" in capsys.readouterr().out
+    assert main(["pretrain", "--resume", str(run)]) == 0  # the printed command, as is
+    assert torch.load(find_checkpoint(run), weights_only=True)["step"] == 5
+
+
+def test_resume_rejects_changes_to_what_is_trained(tmp_path, capsys):
+    args = _pretrain(tmp_path, "data.dataset=shapes", "data.shapes_size=40", "data.val_fraction=0",
+                     "train.name=ch", "train.max_steps=1")
+    assert main(args) == 0
+    _expect_error(capsys, ["pretrain", "--resume", str(tmp_path / "runs" / "ch"), "optim.batch_size=16"],
+                  "optim.batch_size cannot change")
+
+
+def test_same_run_name_twice_is_refused(tmp_path, capsys):
+    args = _pretrain(tmp_path, "data.dataset=shapes", "data.shapes_size=40", "data.val_fraction=0",
+                     "train.name=twice", "train.max_steps=1")
+    assert main(args) == 0
+    _expect_error(capsys, args, "already holds a run", "--resume")
+
+
+def test_file_that_fails_to_decode_late(tmp_path, capsys):
+    """Passes the cheap header/trailer check but cannot be decoded: named under fail."""
+    data = write_shapes_folder(tmp_path / "imgs", n=12, classes=2)
+    bad = sorted((data / sorted(p.name for p in data.iterdir())[0]).iterdir())[0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50 + b"\xff\xd9")
+    _expect_error(capsys, _pretrain(tmp_path, f"data.path={data}", "data.bad_files=fail",
+                                    "data.val_fraction=0"), str(bad))
+
+
+@pytest.mark.parametrize("text,needle", [("- a\n- b\n", "must be a mapping of sections"),
+                                         ("optim: [1, 2]\n", "section 'optim' must be a mapping")])
+def test_config_file_of_the_wrong_shape(tmp_path, capsys, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    _expect_error(capsys, ["pretrain", "--config", str(path)], needle)
+
+
+@pytest.mark.parametrize("override,needle", [("optim.warmup_epochs=.inf", "finite"),
+                                             ("model.width=.nan", "finite")])
+def test_non_finite_numbers(tmp_path, capsys, override, needle):
+    _expect_error(capsys, _pretrain(tmp_path, override), needle)
+
+
+def test_eval_knn_bad_inputs(tmp_path, capsys):
+    torch.save(torch.zeros(3), tmp_path / "t.pt")
+    _expect_error(capsys, ["eval", "knn", str(tmp_path / "t.pt")], "not a byol checkpoint")
+    (tmp_path / "empty_run").mkdir()
+    _expect_error(capsys, ["eval", "knn", str(tmp_path / "empty_run")], "no checkpoint")

@@ -83,3 +83,10 @@ def test_imagenet_config_uses_the_official_300_epoch_preset():
     assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.method.tau_base) == (
         preset["base_lr"], preset["weight_decay"], preset["tau_base"])
     assert cfg.model.backbone == "resnet50" and cfg.augment.size == 224 and cfg.augment.blur_prob == (1.0, 0.1)
+
+
+def test_exponents_and_scalar_strings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 1e-6\ntrain:\n  name: 2024\n")  # YAML 1.1: '1e-6' is text
+    cfg = load_config(path, ["optim.base_lr=3e-1"])
+    assert cfg.optim.weight_decay == 1e-6 and cfg.optim.base_lr == 0.3 and cfg.train.name == "2024"

@@ -65,3 +65,34 @@ def test_training_changes_both_networks_and_checkpoint_is_weights_only(tmp_path)
     trained = torch.load(run.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
     changed = {k.split(".")[0] for k in init if init[k].is_floating_point() and not torch.equal(init[k], trained[k])}
     assert {"encoder", "projector", "predictor", "target_encoder", "target_projector"} <= changed
+
+
+def test_stop_at_an_epoch_boundary_then_resume(tmp_path):
+    full = pretrain(_cfg(tmp_path, "full"))
+    part = pretrain(_cfg(tmp_path, "split", "train.max_steps=6"))  # exactly one epoch
+    _, sd = _params(part.run_dir)
+    assert (sd["epoch"], sd["step_in_epoch"]) == (1, 0)
+    done = pretrain(_cfg(tmp_path, "split"), resume=part.run_dir)
+    a, _ = _params(full.run_dir)
+    b, _ = _params(done.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint_and_torn_lines(tmp_path):
+    part = pretrain(_cfg(tmp_path, "torn", "train.max_steps=4"))
+    with (part.run_dir / "metrics.jsonl").open("a") as f:  # a crash after step 4's checkpoint
+        f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n")
+        f.write('{"step": 6, "loss": 1.2')  # torn by a hard kill
+    done = pretrain(_cfg(tmp_path, "torn"), resume=part.run_dir)
+    rows = [json.loads(x) for x in (done.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13)) and 9.0 not in [r["loss"] for r in rows]
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    part = pretrain(_cfg(tmp_path, "data", "train.max_steps=2"))
+    import pytest
+
+    from byol.data.errors import DataError
+
+    with pytest.raises(DataError, match="48 images"):
+        pretrain(_cfg(tmp_path, "data", "data.shapes_size=40"), resume=part.run_dir)

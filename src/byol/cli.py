@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -35,10 +36,11 @@ def builtin_configs() -> list[str]:
 def resolve_config_path(name: str) -> Path:
     """A YAML path, or the name of a built-in config (``demo``, ``cifar10_resnet18``, ...)."""
     path = Path(name)
-    if path.is_file():
-        return path
+    if path.exists():
+        return path  # a folder is reported by read_yaml
+    # `configs/x.yaml` or `x`: the shipped copy also works outside the source tree
     builtin = resources.files("byol").joinpath("configs", f"{path.stem}.yaml")
-    if "/" not in name and builtin.is_file():
+    if path.suffix in ("", ".yaml") and path.parent.name in ("", "configs") and builtin.is_file():
         return Path(str(builtin))
     raise ConfigError(f"config: file not found: {name} (built-in configs: {', '.join(builtin_configs())})")
 
@@ -58,7 +60,28 @@ def _print_run(result) -> None:
         print(f"kNN top-1 after training:  {result.knn['top1']:.2f}%  ({run / 'eval' / 'knn.json'})")
 
 
+# What a resume may change: where and how it logs and evaluates, not what it trains.
+RESUME_MUTABLE = ("train", "eval")
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key.split(".")[0] not in RESUME_MUTABLE:
+            raise ConfigError(f"--resume: {key} cannot change in a resumed run (only train.* and "
+                              "eval.* can); start a new run to change it")
+
+
+def resume_config(raw: dict) -> dict:
+    """The run's saved config, minus the stop step of the session that wrote it: resuming a
+    run stopped by ``train.max_steps`` continues to the end unless a new one is given."""
+    train = dict(raw.get("train") or {})
+    train.pop("max_steps", None)
+    return {**raw, "train": train}
+
+
 def cmd_pretrain(args) -> int:
+    """`byol pretrain`: a new run from --config, or --resume RUN_DIR."""
     from byol.train.loop import pretrain
 
     if args.resume:
@@ -67,10 +90,11 @@ def cmd_pretrain(args) -> int:
             raise ConfigError(f"--resume: no such run directory: {args.resume}")
         if not run_cfg.is_file():
             raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
-        cfg = config_from_dict(apply_overrides(read_yaml(run_cfg), args.overrides))
         from byol.train.state import find_checkpoint
 
         find_checkpoint(args.resume)  # fail early, before building anything
+        cfg = config_from_dict(apply_overrides(resume_config(read_yaml(run_cfg)), args.overrides))
+        check_resume_overrides(args.overrides)
         result = pretrain(cfg, resume=args.resume)
     else:
         if not args.config:
@@ -79,10 +103,11 @@ def cmd_pretrain(args) -> int:
         cfg = config_from_dict(apply_overrides(read_yaml(path), args.overrides))
         result = pretrain(cfg, stem=path.stem)
     _print_run(result)
-    return 0
+    return 130 if result.interrupted else 0
 
 
 def cmd_demo(args) -> int:
+    """`byol demo`: pretrain on the built-in shapes, kNN before and after."""
     from byol.train.loop import pretrain
 
     raw = apply_overrides(read_yaml(resolve_config_path("demo")), args.overrides)
@@ -94,10 +119,11 @@ def cmd_demo(args) -> int:
     if result.knn_init is not None and result.knn is not None:
         gain = result.knn["top1"] - result.knn_init["top1"]
         print(f"BYOL improved the kNN accuracy by {gain:+.2f} points.")
-    return 0
+    return 130 if result.interrupted else 0
 
 
 def cmd_eval_knn(args) -> int:
+    """`byol eval knn`: weighted kNN of a run's frozen online encoder."""
     from byol.eval.commands import knn_command
 
     out = knn_command(args.run, train=args.train, test=args.test, k=args.k,
@@ -152,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line(exc: BaseException) -> str:
     """The user-facing line of an error, also when a DataLoader worker wrapped it."""
     msg = str(exc).strip()
-    if "Original Traceback" in msg:
-        msg = msg.splitlines()[-1].split(": ", 1)[-1]
+    if "Original Traceback" in msg:  # a DataLoader worker's error, re-raised with its traceback
+        msg = re.split(r"\b\w*(?:Error|Exception): ", msg)[-1]
     return msg.splitlines()[0] if msg else type(exc).__name__
 
 

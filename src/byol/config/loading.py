@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -42,14 +43,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config: {key} must be an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config: {key} must be a number, got {value!r}")
-        return float(value)
+        return _to_float(value, key)
     if tp is str:
-        if not isinstance(value, str):
+        # YAML reads `name: 2024` as an int; a string field takes any scalar as its text
+        if isinstance(value, (list, tuple, dict)) or value is None:
             raise ConfigError(f"config: {key} must be a string, got {value!r}")
-        return value
+        return str(value)
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module, not user's
+
+
+def _to_float(value: Any, key: str) -> float:
+    """A finite float. Accepts "1e-6" strings: YAML 1.1 reads exponents without a dot as text."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config: {key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"config: {key} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _build_section(name: str, raw: dict) -> Any:
@@ -106,15 +120,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """Read a config file; ConfigError (one line) when missing or not valid YAML."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config: {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config: file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not a text (YAML) file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config: {path}{where}: invalid YAML") from None
-    return raw or {}
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must be a mapping of sections (data:, optim:, ...), "
+                          f"got a {type(raw).__name__}")
+    return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

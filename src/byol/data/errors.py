@@ -10,5 +10,8 @@ class DataError(ValueError):
     """
 
     def __init__(self, message: object) -> None:
-        one_line = str(message).replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+        text = str(message)
+        if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep our line
+            text = text.strip().splitlines()[-1].split("DataError: ", 1)[-1]
+        one_line = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
         super().__init__(one_line)

@@ -63,7 +63,10 @@ class SeededViews(Dataset):
         epoch, i = key
         image, label = self.base[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            # the CPU generator only (torch.manual_seed would reseed CUDA too); a fixed mix of
+            # (seed, epoch, i), stable across processes and Python versions, unlike hash()
+            mixed = (self.seed * 0x9E3779B97F4A7C15 + epoch * 0xC2B2AE3D27D4EB4F + i) % 2**63
+            torch.default_generator.manual_seed(mixed)
             v1, v2 = self.views(image)
         return v1, v2, label
 
@@ -87,6 +90,7 @@ class PretrainData:
     """The pretraining views plus, for labelled data, kNN bank (train split) and test split."""
 
     views: SeededViews
+    source: Dataset  # the raw images (its .skipped grows when a file fails to decode late)
     bank: Dataset | None
     test: Dataset | None
     num_classes: int
@@ -153,7 +157,7 @@ def build_pretrain_data(cfg: Config) -> PretrainData:
         tf = make_eval_transform(cfg.augment)
         bank, test = Transformed(train, tf), Transformed(Subset(raw, test_idx), tf)
         num_classes = max(labels) + 1
-    return PretrainData(views, bank, test, num_classes, skipped)
+    return PretrainData(views, raw, bank, test, num_classes, skipped)
 
 
 def default_workers(requested: int | None, device: torch.device | None = None) -> int:
@@ -169,8 +173,8 @@ def default_workers(requested: int | None, device: torch.device | None = None) -
 
 
 def loader(ds: Dataset, batch_size: int, *, workers: int, sampler=None, drop_last=False,
-           pin_memory=False) -> DataLoader:
+           pin_memory=False, generator: torch.Generator | None = None) -> DataLoader:
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=False, generator=generator,
     )

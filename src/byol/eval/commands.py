@@ -20,7 +20,7 @@ def load_run(run_or_checkpoint: str | Path) -> tuple[Config, torch.nn.Module, Pa
     """-> (config, BYOL model with the checkpoint's weights, checkpoint path, run dir or None)."""
     ckpt = find_checkpoint(run_or_checkpoint)
     sd = load_checkpoint(ckpt)
-    if "model" not in sd or "config" not in sd.get("extra", {}):
+    if "config" not in sd.get("extra", {}):
         raise DataError(f"{ckpt} is not a byol pretraining checkpoint")
     cfg = config_from_dict(sd["extra"]["config"])
     model = build_model(cfg)
@@ -48,16 +48,18 @@ def knn_command(run: str, *, train: str | None = None, test: str | None = None, 
                 device: str = "auto", workers: int | None = None) -> dict:
     """Weighted kNN of the run's online encoder on folders (or the run's own held-out split)."""
     cfg, model, ckpt, run_dir = load_run(run)
-    dev = resolve_device(device)
-    k = k or cfg.eval.knn_k
-    temperature = temperature or cfg.eval.knn_temperature
+    dev = resolve_device(device, what="--device")
+    k = cfg.eval.knn_k if k is None else k
+    temperature = cfg.eval.knn_temperature if temperature is None else temperature
+    if k < 1 or not temperature > 0:
+        raise DataError(f"eval knn: need --k >= 1 and --temperature > 0, got k={k}, T={temperature}")
     if (train is None) != (test is None):
         raise DataError("eval knn: give both --train and --test, or neither (the run's held-out split)")
     if train is None:
         data = build_pretrain_data(cfg)
         if data.bank is None:
             raise DataError("eval knn: the run's data has no labels or no held-out split; give --train and --test")
-        bank, queries, num_classes, tag = data.bank, data.test, data.num_classes, "knn"
+        bank, queries, num_classes, tag = data.bank, data.test, data.num_classes, "knn_heldout"
     else:
         tf = make_eval_transform(cfg.augment)
         train_ds = _labelled_folder(train, "--train", cfg)

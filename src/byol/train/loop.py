@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from byol import distributed
-from byol.config import Config, config_to_dict, save_config
+from byol.config import Config, config_to_dict, replace, save_config
+from byol.data.errors import DataError
 from byol.data.folder import write_skipped
 from byol.data.loader import ResumableSampler, build_pretrain_data, default_workers, loader
 from byol.eval.knn import evaluate_knn
@@ -33,13 +34,17 @@ class PretrainResult:
     knn: dict | None = None
     knn_init: dict | None = None
     skipped: list = field(default_factory=list)
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "train.device") -> torch.device:
+    """"auto" | "cpu" | "cuda" | "cuda:N" -> torch.device; ValueError naming ``what`` otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ValueError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"config: train.device={name} but CUDA is not available on this machine")
+        raise ValueError(f"{what}={name} but CUDA is not available on this machine")
     return torch.device(name)
 
 
@@ -97,9 +102,19 @@ def _knn(cfg: Config, model, data, device, workers: int) -> dict:
     )
 
 
+def _check_same_data(state: TrainState, data, cfg: Config) -> None:
+    """A resume must see the images the run started with, or its sampler position is void."""
+    n0 = state.extra.get("n_train")
+    if n0 is not None and n0 != len(data.views):
+        raise DataError(f"--resume: the run trained on {n0} images but {cfg.data.path or cfg.data.dataset} "
+                        f"now gives {len(data.views)}; resume needs the same data")
+
+
 def _summary(cfg, data, model, device, precision, workers, run_dir, step) -> str:
     n_train = len(data.views)
     held = f", {len(data.test)} held out for kNN, {data.num_classes} classes" if data.test else ""
+    if getattr(data.source, "labels", None) is None:
+        held = " (unlabelled: no kNN evaluation)"
     steps = n_train // cfg.optim.batch_size
     params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
     m = cfg.model
@@ -131,6 +146,8 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.data.path and resume is None:  # the run must find its data from any directory later
+        cfg = replace(cfg, data={"path": str(Path(cfg.data.path).expanduser().resolve())})
     torch.manual_seed(cfg.train.seed)
     data = build_pretrain_data(cfg)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -139,14 +156,19 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         cfg.optim.name, model, lr=0.0, weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient,
     )
-    state = TrainState(model, optimizer, extra={"config": config_to_dict(cfg), "elapsed": 0.0})
+    state = TrainState(model, optimizer, extra={"config": config_to_dict(cfg), "elapsed": 0.0,
+                                                "n_train": len(data.views)})
     if resume is not None:
         run_dir = Path(resume)
         state.load_state_dict(load_checkpoint(find_checkpoint(run_dir)))
+        _check_same_data(state, data, cfg)
         truncate_metrics(run_dir, state.step)
     else:
         run_dir = new_run_dir(cfg.train.out_dir, cfg.train.name, stem)
-        run_dir.mkdir(parents=True, exist_ok=cfg.train.name is not None)
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT_DIR).exists():
+            raise ValueError(f"train.name: run directory {run_dir} already holds a run; "
+                             f"continue it with --resume {run_dir} or choose another train.name")
+        run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_config(cfg, run_dir / "config.yaml")
         if data.skipped:
@@ -158,30 +180,39 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     if cfg.eval.initial_knn and data.bank is not None and state.step == 0:
         result.knn_init = _knn(cfg, model, data, device, workers)
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
-    _train(cfg, state, data, run_dir, device, precision, workers, result)
+    _train(cfg, state, data, run_dir, device, precision, workers, result, purge=resume is not None)
+    skipped = list(getattr(data.source, "skipped", []))  # + files that failed to decode while loading
+    if distributed.is_main() and len(skipped) > len(data.skipped):
+        write_skipped(skipped, run_dir / "skipped_files.tsv")
+        result.skipped = skipped
     if result.finished and cfg.eval.final_knn and data.bank is not None:
         result.knn = _knn(cfg, model, data, device, workers)
         write_json(run_dir / "eval" / "knn.json", {**result.knn, "step": state.step})
     return result
 
 
-def _train(cfg, state, data, run_dir, device, precision, workers, result) -> None:
+def _train(cfg, state, data, run_dir, device, precision, workers, result, purge=False) -> None:
+    """The epoch loop: step, log every N steps, checkpoint, stop at max_steps or a signal."""
     batch = cfg.optim.batch_size
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     steps_per_epoch = len(data.views) // batch
     sched = Schedules(cfg, steps_per_epoch)
     stop_at = min(sched.total, cfg.train.max_steps or sched.total)
     sampler = ResumableSampler(len(data.views), seed=cfg.train.seed)
-    logger = MetricsLogger(run_dir)
+    logger = MetricsLogger(run_dir, purge_step=state.step if purge else None)
     bar = tqdm(total=sched.total, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress and distributed.is_main()))
     model = state.model.train()
     t_start, t_log, n_log = time.time(), time.time(), 0
     with StopFlag() as stop:
         while state.step < stop_at and not stop.set:
+            if state.step_in_epoch >= steps_per_epoch:  # never spin on an empty epoch
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
             sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch)
+            # the loader draws its worker seeds from its own generator, never the global RNG
+            gen = torch.Generator().manual_seed(cfg.train.seed + state.epoch)
             dl = loader(data.views, batch, workers=workers, sampler=sampler, drop_last=True,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=gen)
             for v1, v2, _ in dl:
                 v1, v2 = (v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                           for v in (v1, v2))
@@ -217,3 +248,4 @@ def _train(cfg, state, data, run_dir, device, precision, workers, result) -> Non
     logger.close()
     result.step = state.step
     result.finished = state.step >= sched.total
+    result.interrupted = stop.set

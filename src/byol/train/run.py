@@ -30,14 +30,15 @@ def new_run_dir(out_dir: str, name: str | None, stem: str) -> Path:
 class MetricsLogger:
     """Appends metrics to metrics.jsonl and tensorboard. Rank 0 only; others do nothing."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.active = distributed.is_main()
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if self.active and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            # purge_step drops events logged after the checkpoint a resume starts from
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -65,7 +66,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if _step_of(line) != float("inf")]
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -74,6 +75,13 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if not distributed.is_main() or not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics line; a torn line (a hard kill while writing) counts as after all."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

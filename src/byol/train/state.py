@@ -47,6 +47,9 @@ class TrainState:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("format_version", 0) > FORMAT_VERSION:
+            raise DataError(f"checkpoint format {sd['format_version']} is newer than this byol "
+                            f"reads ({FORMAT_VERSION}); upgrade byol")
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.step, self.epoch, self.step_in_epoch = sd["step"], sd["epoch"], sd["step_in_epoch"]
@@ -98,11 +101,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file with weights_only=True; DataError (one line) if unreadable."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(f"checkpoint not found: {path}") from None
-    except Exception as exc:  # a corrupt or foreign file: name it, no traceback
-        raise DataError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    except Exception:  # corrupt, truncated, or not a weights-only file: never retry unsafely
+        raise DataError(f"{path} is not a byol checkpoint (or is corrupt)") from None
+    if not isinstance(sd, dict) or "model" not in sd or "step" not in sd:
+        raise DataError(f"{path} is not a byol checkpoint")
+    return sd
 
 
 def find_checkpoint(run_or_file: str | Path) -> Path:
