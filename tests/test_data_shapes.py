@@ -41,7 +41,7 @@ def test_labels_balanced_and_all_classes_present():
 
 
 def test_nuisances_vary_within_a_class_and_colour_is_uninformative():
-    ds = ShapesDataset(8 * 64, seed=0)
+    ds = ShapesDataset(8 * 64, seed=0, colour=True)
     imgs = np.stack([ds.render(i) for i in range(len(ds))]).astype(np.float64)  # [N, H, W, 3]
     labels = np.array(ds.labels)
     means = imgs.mean((1, 2))  # [N, 3] mean colour per image
@@ -57,7 +57,7 @@ def test_nuisances_vary_within_a_class_and_colour_is_uninformative():
 
 
 def test_shape_is_visible_and_size_varies():
-    ds = ShapesDataset(8 * 16, seed=3)
+    ds = ShapesDataset(8 * 16, seed=3, colour=True)
     areas = []
     for i in range(len(ds)):
         img = ds.render(i).astype(np.float64)
@@ -73,3 +73,17 @@ def test_validates_arguments():
     for kwargs in ({"n": 0}, {"n": 4, "image_size": 4}, {"n": 4, "seed": -1}):
         with pytest.raises(ValueError, match=str(list(kwargs.values())[-1])):
             ShapesDataset(**kwargs)
+
+
+def test_default_is_white_shapes_on_black_that_vary_in_size_position_rotation():
+    ds = ShapesDataset(8 * 16, seed=1)
+    imgs = np.stack([ds.render(i) for i in range(len(ds))]).astype(np.float64)  # [N, H, W, 3]
+    assert (imgs[..., 0] == imgs[..., 1]).all() and (imgs[..., 1] == imgs[..., 2]).all()
+    assert imgs.max() == 255 and (imgs[:, [0, 0, -1, -1], [0, -1, 0, -1]] == 0).mean() > 0.9
+    masks = imgs[..., 0] > 127
+    areas = masks.mean((1, 2))
+    ys, xs = np.mgrid[:32, :32]
+    cx = (masks * xs).sum((1, 2)) / masks.sum((1, 2))
+    assert areas.min() > 0.03 and areas.max() / areas.min() > 2 and cx.std() > 2
+    squares = [masks[i] for i in range(len(ds)) if ds.labels[i] == 1]  # rotation varies
+    assert len({m.tobytes() for m in squares}) == len(squares)

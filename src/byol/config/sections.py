@@ -44,6 +44,7 @@ class Data:
     num_workers: int | None = None  # None: min(4, CPU cores)
     shapes_size: int = 4000  # images of the built-in "shapes" dataset
     shapes_image_size: int = 32
+    shapes_colour: bool = False  # random colours and backgrounds too (harder; not the demo's)
     seed: int = 0  # for limit, the held-out split and the shapes dataset
 
     def __post_init__(self) -> None:

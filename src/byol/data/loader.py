@@ -100,7 +100,8 @@ class PretrainData:
 def open_images(data: Data, path: str | None = None) -> Dataset:
     """The raw dataset of ``data`` (uint8 [3,H,W], label) — a folder or the built-in shapes."""
     if data.dataset == "shapes" and path is None:
-        return ShapesDataset(data.shapes_size, image_size=data.shapes_image_size, seed=data.seed)
+        return ShapesDataset(data.shapes_size, image_size=data.shapes_image_size, seed=data.seed,
+                             colour=data.shapes_colour)
     path = path or data.path
     if not path:
         raise DataError("data.path: required when data.dataset=folder (or use data.dataset=shapes)")
