@@ -87,13 +87,17 @@ class Augment:
         _check(self.size >= 8, "augment.size", ">= 8", self.size)
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, "augment.crop_scale", "0 < min <= max <= 1", self.crop_scale)
-        for key in ("flip_prob", "jitter_prob", "grayscale_prob"):
-            _prob(f"augment.{key}", getattr(self, key))
-        for key in ("blur_prob", "solarize_prob"):
-            for p in getattr(self, key):
-                _prob(f"augment.{key}", p)
-        _check(0.0 <= self.hue <= 0.5, "augment.hue", "in [0, 0.5]", self.hue)
-        _check(all(s > 0 for s in self.std), "augment.std", "> 0", self.std)
+        # The rest is ViewSpec's own validation (one set of rules), run now so that a bad value
+        # fails before any data is opened.
+        from byol.augment.views import ViewSpec
+
+        shared = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in ("preset", "backend", "blur_prob", "solarize_prob")}
+        try:
+            for view in (0, 1):
+                ViewSpec(**shared, blur_prob=self.blur_prob[view], solarize_prob=self.solarize_prob[view])
+        except ValueError as exc:
+            raise ConfigError(f"config: {exc}") from None
 
 
 @dataclass(frozen=True)
