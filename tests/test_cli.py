@@ -33,8 +33,16 @@ def test_pretrain_on_a_folder_end_to_end(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     run = tmp_path / "runs" / "e2e"
     assert f"run directory: {run}" in out.stdout
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in logged if "loss" in r]
     assert len(rows) == 36  # 48 train images / batch 8 = 6 steps x 6 epochs
+    assert all(0 <= r["online_linear_top1"] <= 100 for r in rows) and not any(r["collapsed"] for r in rows)
+    (final,) = [r for r in logged if "loss" not in r]  # the final held-out evaluation
+    assert final["step"] == 36 and {"val_knn_top1", "val_online_linear_top1"} <= final.keys()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["step"] == summary["total_steps"] == 36
+    assert summary["collapsed"] is False and summary["knn_top1"] == final["val_knn_top1"]
+    assert "online linear top-1" in out.stdout
     first, last = sum(r["loss"] for r in rows[:6]) / 6, sum(r["loss"] for r in rows[-6:]) / 6
     assert last < first - 0.1, (first, last)
     sd = torch.load(find_checkpoint(run), weights_only=True)

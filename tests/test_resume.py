@@ -47,12 +47,18 @@ def test_stop_and_resume_mid_epoch_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
     for s_a, s_b in zip(sd_a["optimizer"]["state"].values(), sd_b["optimizer"]["state"].values()):
         assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+    # the online linear classifier (a monitor, in the checkpoint too) resumes exactly as well
+    for k, v in sd_a["probe"]["module"].items():
+        assert torch.equal(v, sd_b["probe"]["module"][k]), k
+    for s_a, s_b in zip(sd_a["probe"]["optimizer"]["state"].values(), sd_b["probe"]["optimizer"]["state"].values()):
+        assert torch.equal(s_a["exp_avg"], s_b["exp_avg"]) and torch.equal(s_a["exp_avg_sq"], s_b["exp_avg_sq"])
 
     # the log has each step once, in order, and matches the uninterrupted run's losses
     rows = [json.loads(x) for x in (done.run_dir / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
+    assert [r["online_linear_top1"] for r in rows] == [r["online_linear_top1"] for r in ref]
 
 
 def test_training_changes_both_networks_and_checkpoint_is_weights_only(tmp_path):

@@ -58,6 +58,12 @@ def _print_run(result) -> None:
         print(f"kNN top-1 at random init:  {result.knn_init['top1']:.2f}%")
     if result.knn is not None:
         print(f"kNN top-1 after training:  {result.knn['top1']:.2f}%  ({run / 'eval' / 'knn.json'})")
+    if result.online_linear is not None:
+        print(f"online linear top-1:       {result.online_linear['top1']:.2f}%  "
+              f"({run / 'eval' / 'online_linear.json'})")
+    if result.collapsed_at is not None:
+        print(f"warning: the projections collapsed at step {result.collapsed_at} (see z_std in "
+              f"{run / 'metrics.jsonl'}); try another tau, lr or batch size")
 
 
 # What a resume may change: where and how it logs and evaluates, not what it trains.

@@ -200,18 +200,29 @@ class Train:
 
 @dataclass(frozen=True)
 class Eval:
-    """Weighted kNN on frozen features (PAPER.md §5)."""
+    """Evaluation during and after pretraining: weighted kNN on frozen features (PAPER.md §5),
+    an online linear classifier on detached representations and collapse diagnostics."""
 
     knn_k: int = 200
     knn_temperature: float = 0.1
     batch_size: int = 256
     final_knn: bool = True  # after training, when the data has labels
     initial_knn: bool = False  # also at random init, before the first step (the demo's baseline)
+    knn_every: int = 0  # epochs between held-out kNN monitors during training (0: only the final)
+    online_linear: bool = True  # train a linear classifier on y.detach() beside BYOL (labelled data)
+    online_linear_lr: float = 1e-3
+    collapse_every: int = 50  # steps between effective-rank diagnostics (z_std is every log row)
+    collapse_threshold: float = 0.1  # z_std below this flags collapse (healthy ~0.3-1)
 
     def __post_init__(self) -> None:
         _check(self.knn_k >= 1, "eval.knn_k", ">= 1", self.knn_k)
         _check(self.knn_temperature > 0, "eval.knn_temperature", "> 0", self.knn_temperature)
         _check(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
+        _check(self.knn_every >= 0, "eval.knn_every", ">= 0", self.knn_every)
+        _check(self.online_linear_lr > 0, "eval.online_linear_lr", "> 0", self.online_linear_lr)
+        _check(self.collapse_every >= 1, "eval.collapse_every", ">= 1", self.collapse_every)
+        _check(0 < self.collapse_threshold < 1, "eval.collapse_threshold", "in (0, 1)",
+               self.collapse_threshold)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import torch
 
 from byol.config import Config, config_from_dict
 from byol.data.errors import DataError
-from byol.data.folder import ImageFolderDataset
-from byol.data.loader import Transformed, build_pretrain_data, default_workers, make_eval_transform
+from byol.data.loader import Transformed, default_workers, make_eval_transform
+from byol.eval.data import eval_splits
 from byol.eval.knn import evaluate_knn
 from byol.models.build import build_model
 from byol.train.loop import resolve_device
@@ -29,20 +29,6 @@ def load_run(run_or_checkpoint: str | Path) -> tuple[Config, torch.nn.Module, Pa
     return cfg, model, ckpt, run_dir
 
 
-def _labelled_folder(path: str, flag: str, cfg: Config, classes: list[str] | None = None):
-    ds = ImageFolderDataset(path, bad_files=cfg.data.bad_files, verify=cfg.data.verify)
-    if ds.labels is None:
-        raise DataError(f"{flag}: {path} has no class subfolders (kNN needs labelled images)")
-    if classes is not None and ds.classes != classes:
-        missing = sorted(set(ds.classes) - set(classes))
-        if missing:
-            raise DataError(f"{flag}: classes {missing} of {path} are not in the --train folder")
-        remap = [classes.index(c) for c in ds.classes]
-        ds.labels = [remap[y] for y in ds.labels]
-        ds.classes = classes
-    return ds
-
-
 def knn_command(run: str, *, train: str | None = None, test: str | None = None, k: int | None = None,
                 temperature: float | None = None, batch_size: int | None = None,
                 device: str = "auto", workers: int | None = None) -> dict:
@@ -53,19 +39,10 @@ def knn_command(run: str, *, train: str | None = None, test: str | None = None, 
     temperature = cfg.eval.knn_temperature if temperature is None else temperature
     if k < 1 or not temperature > 0:
         raise DataError(f"eval knn: need --k >= 1 and --temperature > 0, got k={k}, T={temperature}")
-    if (train is None) != (test is None):
-        raise DataError("eval knn: give both --train and --test, or neither (the run's held-out split)")
-    if train is None:
-        data = build_pretrain_data(cfg)
-        if data.bank is None:
-            raise DataError("eval knn: the run's data has no labels or no held-out split; give --train and --test")
-        bank, queries, num_classes, tag = data.bank, data.test, data.num_classes, "knn_heldout"
-    else:
-        tf = make_eval_transform(cfg.augment)
-        train_ds = _labelled_folder(train, "--train", cfg)
-        test_ds = _labelled_folder(test, "--test", cfg, classes=train_ds.classes)
-        bank, queries = Transformed(train_ds, tf), Transformed(test_ds, tf)
-        num_classes, tag = len(train_ds.classes), f"knn_{Path(test).resolve().name}"
+    splits = eval_splits(cfg, train, test, what="eval knn")
+    tf = make_eval_transform(cfg.augment)
+    bank, queries = Transformed(splits.train, tf), Transformed(splits.test, tf)
+    num_classes, tag = splits.num_classes, f"knn_{splits.tag}"
     out = evaluate_knn(
         model.encoder.to(dev), bank, queries, num_classes=num_classes, k=k, temperature=temperature,
         batch_size=batch_size or cfg.eval.batch_size, device=dev,

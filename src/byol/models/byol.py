@@ -113,14 +113,17 @@ class BYOL(nn.Module):
         torch._foreach_lerp_(self.target_parameters(), self.online_parameters(), 1.0 - tau)
 
     # -- forward ------------------------------------------------------------------------------
-    def _online(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Online projections z and predictions p, one pair per view ([B, out] each)."""
+    def _online(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+        """Online representations y, projections z and predictions p, one per view ([B, *] each)."""
         if self.concat_views:
-            z = self.projector(self.encoder(torch.cat(views)))
+            y = self.encoder(torch.cat(views))
+            z = self.projector(y)
             p = self.predictor(z)
-            return list(z.chunk(len(views))), list(p.chunk(len(views)))
-        zs = [self.projector(self.encoder(v)) for v in views]
-        return zs, [self.predictor(z) for z in zs]
+            n = len(views)
+            return list(y.chunk(n)), list(z.chunk(n)), list(p.chunk(n))
+        ys = [self.encoder(v) for v in views]
+        zs = [self.projector(y) for y in ys]
+        return ys, zs, [self.predictor(z) for z in zs]
 
     def _target(self, views: list[torch.Tensor], online_z: list[torch.Tensor]) -> list[torch.Tensor]:
         """Target projections z' per view. The one place where stop-gradient happens."""
@@ -134,15 +137,19 @@ class BYOL(nn.Module):
             # Each view separately: per-view BN statistics, as the official code.
             return [self.target_projector(self.target_encoder(v)) for v in views]
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, *, return_outputs: bool = False):
         """Views [B, 3, H, W] x2 -> (loss scalar, stats of detached tensors).
 
         loss = l(q(g(f(v1))), g_ξ(f_ξ(v2))) + l(q(g(f(v2))), g_ξ(f_ξ(v1))), batch-averaged.
+        With ``return_outputs`` also a third item, {"representation": y1 [B, D], "projection":
+        z1 [B, d]} of the first view, detached: what the monitors read, at no extra forward cost.
         """
-        (z1, z2), (p1, p2) = self._online([v1, v2])
+        (y1, _), (z1, z2), (p1, p2) = self._online([v1, v2])
         t1, t2 = self._target([v1, v2], [z1, z2])
         loss = symmetric_regression_loss(p1, p2, t1, t2)
         stats = {"loss": loss.detach(), "z_std": normalized_std(z1.detach())}
+        if return_outputs:
+            return loss, stats, {"representation": y1.detach(), "projection": z1.detach()}
         return loss, stats
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from byol.models.build import build_model
 from byol.optim import build_optimizer, cosine_tau, constant_tau, scaled_lr, warmup_cosine_lr
 from byol.train.run import MetricsLogger, new_run_dir, truncate_metrics, write_json
 from byol.train.state import CHECKPOINT_DIR, LAST, TrainState, atomic_save, find_checkpoint, load_checkpoint
+from byol.train.monitors import Monitors, make_probe
 from byol.train.step import train_step
 
 
@@ -33,6 +34,8 @@ class PretrainResult:
     finished: bool  # False when stopped early (max_steps or a signal); resume to continue
     knn: dict | None = None
     knn_init: dict | None = None
+    online_linear: dict | None = None  # held-out accuracy of the online classifier at the end
+    collapsed_at: int | None = None  # first step whose projections were flagged as collapsed
     skipped: list = field(default_factory=list)
     interrupted: bool = False  # stopped by SIGINT/SIGTERM
 
@@ -126,7 +129,8 @@ def _summary(cfg, data, model, device, precision, workers, run_dir, step) -> str
         f"{params:.2f}M encoder parameters\n"
         f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}, {steps} steps/epoch x "
         f"{cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps, peak lr "
-        f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base} -> 1\n"
+        f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base}"
+        f"{' (constant)' if cfg.method.tau_schedule == 'constant' else ' -> 1'}\n"
         f"  device: {device} ({precision}), {workers} loader workers"
     )
 
@@ -157,7 +161,8 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient,
     )
     state = TrainState(model, optimizer, extra={"config": config_to_dict(cfg), "elapsed": 0.0,
-                                                "n_train": len(data.views)})
+                                                "n_train": len(data.views)},
+                       probe=make_probe(cfg, data, model.feature_dim, device))
     if resume is not None:
         run_dir = Path(resume)
         state.load_state_dict(load_checkpoint(find_checkpoint(run_dir)))
@@ -180,18 +185,19 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     if cfg.eval.initial_knn and data.bank is not None and state.step == 0:
         result.knn_init = _knn(cfg, model, data, device, workers)
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
-    _train(cfg, state, data, run_dir, device, precision, workers, result, purge=resume is not None)
+    monitors = Monitors(cfg, state, data, device, workers)
+    _train(cfg, state, data, run_dir, device, precision, monitors, result, purge=resume is not None)
     skipped = list(getattr(data.source, "skipped", []))  # + files that failed to decode while loading
     if distributed.is_main() and len(skipped) > len(data.skipped):
         write_skipped(skipped, run_dir / "skipped_files.tsv")
         result.skipped = skipped
-    if result.finished and cfg.eval.final_knn and data.bank is not None:
-        result.knn = _knn(cfg, model, data, device, workers)
-        write_json(run_dir / "eval" / "knn.json", {**result.knn, "step": state.step})
+    if result.finished and cfg.eval.final_knn and monitors.can_evaluate():
+        _final_eval(cfg, state, monitors, run_dir, result)
+    _write_summary(cfg, state, run_dir, result, device, precision)
     return result
 
 
-def _train(cfg, state, data, run_dir, device, precision, workers, result, purge=False) -> None:
+def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge=False) -> None:
     """The epoch loop: step, log every N steps, checkpoint, stop at max_steps or a signal."""
     batch = cfg.optim.batch_size
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -211,27 +217,33 @@ def _train(cfg, state, data, run_dir, device, precision, workers, result, purge=
             sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch)
             # the loader draws its worker seeds from its own generator, never the global RNG
             gen = torch.Generator().manual_seed(cfg.train.seed + state.epoch)
-            dl = loader(data.views, batch, workers=workers, sampler=sampler, drop_last=True,
+            dl = loader(data.views, batch, workers=monitors.workers, sampler=sampler, drop_last=True,
                         pin_memory=device.type == "cuda", generator=gen)
-            for v1, v2, _ in dl:
+            for v1, v2, labels in dl:
                 v1, v2 = (v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                           for v in (v1, v2))
                 lr, tau = sched.lr(state.step), sched.tau(state.step)
-                stats = train_step(model, state.optimizer, v1, v2, lr=lr, tau=tau, precision=precision)
+                stats, outputs = train_step(model, state.optimizer, v1, v2, lr=lr, tau=tau,
+                                            precision=precision, return_outputs=True)
                 state.step += 1
+                monitors.after_step(state.step, outputs, labels)
                 state.step_in_epoch += 1
                 n_log += batch
                 bar.update(1)
-                if state.step % cfg.train.log_every == 0 or state.step == stop_at:
+                if (state.step % cfg.train.log_every == 0 or monitors.wants_row(state.step)
+                        or state.step == stop_at):
                     now = time.time()
                     row = {k: float(v) for k, v in stats.items()}  # the only host sync
                     row.update(lr=lr, tau=tau, epoch=state.epoch, images_per_s=n_log / (now - t_log))
+                    row.update(monitors.log_values(state.step, row))
                     logger.log(state.step, row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
-                                    img_s=f"{row['images_per_s']:.0f}")
+                    bar.set_postfix(_postfix(row, lr, tau), refresh=False)
                     t_log, n_log = now, 0
                 if state.step_in_epoch == steps_per_epoch:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                    if monitors.due(state.epoch, cfg.optim.epochs):  # before the checkpoint: a
+                        # kill in between reruns it on resume instead of losing its row
+                        logger.log(state.step, {"epoch": state.epoch, **_val_row(monitors.evaluate(model))})
                     keep = cfg.train.keep_every_epochs
                     state.extra["elapsed"] += time.time() - t_start
                     t_start = time.time()
@@ -249,3 +261,48 @@ def _train(cfg, state, data, run_dir, device, precision, workers, result, purge=
     result.step = state.step
     result.finished = state.step >= sched.total
     result.interrupted = stop.set
+    result.collapsed_at = monitors.collapsed_at
+
+
+def _postfix(row: dict, lr: float, tau: float) -> dict:
+    post = {"loss": f"{row['loss']:.4f}", "z_std": f"{row['z_std']:.2f}", "lr": f"{lr:.3g}",
+            "tau": f"{tau:.4f}", "img_s": f"{row['images_per_s']:.0f}"}
+    if "online_linear_top1" in row:
+        post["lin"] = f"{row['online_linear_top1']:.1f}%"
+    if row.get("collapsed"):
+        post["status"] = "COLLAPSED"
+    return post
+
+
+def _val_row(out: dict) -> dict:
+    return {k: v for k, v in out.items() if k.startswith("val_")}
+
+
+def _final_eval(cfg, state, monitors, run_dir, result) -> None:
+    """Held-out kNN (eval/knn.json) and online classifier (eval/online_linear.json) at the end."""
+    out = monitors.evaluate(state.model)
+    result.knn = {"top1": out["val_knn_top1"], "top5": out["val_knn_top5"], "k": cfg.eval.knn_k,
+                  "temperature": cfg.eval.knn_temperature, "n_bank": out["n_bank"], "n_test": out["n_test"]}
+    write_json(run_dir / "eval" / "knn.json", {**result.knn, "step": state.step})
+    if "val_online_linear_top1" in out:
+        result.online_linear = {"top1": out["val_online_linear_top1"], "top5": out["val_online_linear_top5"],
+                                "n_test": out["n_test"], "step": state.step,
+                                "note": "linear classifier trained online on detached representations"}
+        write_json(run_dir / "eval" / "online_linear.json", result.online_linear)
+    logger = MetricsLogger(run_dir, tensorboard=False)
+    logger.log(state.step, {"epoch": state.epoch, **_val_row(out)})
+    logger.close()
+
+
+def _write_summary(cfg, state, run_dir, result, device, precision) -> None:
+    """summary.json: where the run stands (read by `byol report`)."""
+    elapsed = state.extra.get("elapsed", 0.0)
+    total = (state.extra["n_train"] // cfg.optim.batch_size) * cfg.optim.epochs
+    write_json(run_dir / "summary.json", {
+        "step": state.step, "total_steps": total, "finished": result.finished,
+        "elapsed_s": elapsed, "images_per_s": state.step * cfg.optim.batch_size / elapsed if elapsed else None,
+        "collapsed": result.collapsed_at is not None, "collapsed_at_step": result.collapsed_at,
+        "device": str(device), "precision": precision,
+        "knn_top1": result.knn["top1"] if result.knn else None,
+        "online_linear_top1": result.online_linear["top1"] if result.online_linear else None,
+    })

@@ -33,6 +33,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     extra: dict = field(default_factory=dict)  # e.g. the resolved config, elapsed time
+    probe: Any = None  # the online linear classifier (eval/monitor.py OnlineLinear), when labelled
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class TrainState:
             "step_in_epoch": self.step_in_epoch,
             "rng": capture_rng(),
             "extra": self.extra,
+            **({"probe": self.probe.full_state_dict()} if self.probe is not None else {}),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -54,6 +56,8 @@ class TrainState:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.step, self.epoch, self.step_in_epoch = sd["step"], sd["epoch"], sd["step_in_epoch"]
         self.extra = dict(sd.get("extra", {}))
+        if self.probe is not None and "probe" in sd:
+            self.probe.load_full_state_dict(sd["probe"])
         restore_rng(sd["rng"])
 
 

@@ -34,14 +34,18 @@ def train_step(
     lr: float,
     tau: float,
     precision: str = "fp32",
-) -> dict[str, torch.Tensor]:
-    """One BYOL step on views [B,3,H,W] x2. ``model`` is a BYOL, possibly wrapped (DDP)."""
+    return_outputs: bool = False,
+):
+    """One BYOL step on views [B,3,H,W] x2. ``model`` is a BYOL, possibly wrapped (DDP).
+
+    -> stats (scalar device tensors), or (stats, outputs) with ``return_outputs``: the detached
+    representation and projection of the first view (see BYOL.forward) for the monitors."""
     byol: BYOL = getattr(model, "module", model)
     set_lr(optimizer, lr)
     with autocast(v1.device, precision):
-        loss, stats = model(v1, v2)
+        loss, stats, *outputs = model(v1, v2, return_outputs=return_outputs)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     byol.update_target(tau)  # after the online step (PAPER.md §1)
-    return stats
+    return (stats, outputs[0]) if return_outputs else stats

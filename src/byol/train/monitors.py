@@ -1,0 +1,90 @@
+"""The pretraining loop's monitors, in one object the loop calls at three points:
+
+    after_step(step, outputs, labels)   every step: the online linear classifier's step; the
+                                        effective ranks every eval.collapse_every steps
+    log_values(step, stats)             when the loop logs: accuracy, ranks, the collapse flag
+    evaluate(step, epoch)               kNN (+ online classifier) on the held-out split
+
+None of them touches the encoder: the classifier reads y.detach(), evaluation runs in eval mode
+under no_grad and leaves the global RNG stream as it found it (tests/test_monitor.py trains one
+seed with and without monitors and compares the encoders bitwise).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from byol.config import Config
+from byol.eval.monitor import CollapseDetector, OnlineLinear, collapse_stats, monitor_eval
+
+
+def make_probe(cfg: Config, data, feature_dim: int, device: torch.device) -> OnlineLinear | None:
+    """The online linear classifier when eval.online_linear is on and the images are labelled."""
+    classes = getattr(data.source, "classes", None) or []
+    if not cfg.eval.online_linear or getattr(data.source, "labels", None) is None or len(classes) < 2:
+        return None
+    return OnlineLinear(feature_dim, len(classes), lr=cfg.eval.online_linear_lr,
+                        seed=cfg.train.seed).to(device)
+
+
+class Monitors:
+    def __init__(self, cfg: Config, state, data, device: torch.device, workers: int) -> None:
+        self.cfg, self.state, self.data, self.device, self.workers = cfg, state, data, device, workers
+        self.probe: OnlineLinear | None = state.probe
+        self.detector = CollapseDetector(cfg.eval.collapse_threshold, state.extra.get("collapsed_at"))
+        self._correct = torch.zeros((), device=device)
+        self._seen = 0
+        self._ranks: dict[str, torch.Tensor] = {}
+
+    def wants_row(self, step: int) -> bool:
+        """A step whose diagnostics must reach the log even off the log_every grid."""
+        return step % self.cfg.eval.collapse_every == 0
+
+    def after_step(self, step: int, outputs: dict, labels: torch.Tensor) -> None:
+        if self.probe is not None:
+            self._seen += int((labels >= 0).sum())  # labels still on the host: no device sync
+            labels = labels.to(self.device, non_blocking=True)
+            self._correct += self.probe.train_step(outputs["representation"], labels)
+        if self.wants_row(step):
+            stats = collapse_stats(outputs["representation"], outputs["projection"])
+            self._ranks = {"z_rank": stats["z_rank"], "y_rank": stats["y_rank"]}
+
+    def log_values(self, step: int, row: dict) -> dict:
+        """Values to add to the log row at ``step`` (reads device tensors: the loop's one sync)."""
+        out = {k: float(v) for k, v in self._ranks.items()}
+        self._ranks = {}
+        if self.probe is not None and self._seen:
+            out["online_linear_top1"] = 100.0 * float(self._correct) / self._seen
+            self._correct.zero_()
+            self._seen = 0
+        first = self.detector.collapsed_at is None
+        collapsed = self.detector.update(step, row["z_std"])
+        out["collapsed"] = int(collapsed)
+        if collapsed and first:
+            self.state.extra["collapsed_at"] = step
+            tqdm.write(f"warning: step {step}: the projections have collapsed (z_std {row['z_std']:.3g} "
+                       f"< eval.collapse_threshold {self.detector.threshold:g}); BYOL is not learning",
+                       file=sys.stderr)
+        return out
+
+    @property
+    def collapsed_at(self) -> int | None:
+        return self.detector.collapsed_at
+
+    def can_evaluate(self) -> bool:
+        return self.data.bank is not None
+
+    def due(self, epoch: int, last_epoch: int) -> bool:
+        """kNN every eval.knn_every epochs, except the last (the final evaluation covers it)."""
+        every = self.cfg.eval.knn_every
+        return self.can_evaluate() and every > 0 and epoch % every == 0 and epoch < last_epoch
+
+    def evaluate(self, model) -> dict:
+        e = self.cfg.eval
+        return monitor_eval(
+            model.encoder, self.data.bank, self.data.test, num_classes=self.data.num_classes,
+            k=e.knn_k, temperature=e.knn_temperature, probe=self.probe, batch_size=e.batch_size,
+            device=self.device, workers=self.workers, progress=False,
+        )
