@@ -23,7 +23,7 @@ from byol.models.build import build_model
 from byol.optim import build_optimizer, cosine_tau, constant_tau, scaled_lr, warmup_cosine_lr
 from byol.train.run import MetricsLogger, new_run_dir, truncate_metrics, write_json
 from byol.train.state import CHECKPOINT_DIR, LAST, TrainState, atomic_save, find_checkpoint, load_checkpoint
-from byol.train.monitors import Monitors, make_probe
+from byol.train.monitors import Monitors, final_eval, make_probe, progress_postfix, val_row
 from byol.train.step import train_step
 
 
@@ -192,7 +192,7 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         write_skipped(skipped, run_dir / "skipped_files.tsv")
         result.skipped = skipped
     if result.finished and cfg.eval.final_knn and monitors.can_evaluate():
-        _final_eval(cfg, state, monitors, run_dir, result)
+        final_eval(cfg, state, monitors, run_dir, result)
     _write_summary(cfg, state, run_dir, result, device, precision)
     return result
 
@@ -237,13 +237,13 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
                     row.update(lr=lr, tau=tau, epoch=state.epoch, images_per_s=n_log / (now - t_log))
                     row.update(monitors.log_values(state.step, row))
                     logger.log(state.step, row)
-                    bar.set_postfix(_postfix(row, lr, tau), refresh=False)
+                    bar.set_postfix(progress_postfix(row, lr, tau), refresh=False)
                     t_log, n_log = now, 0
                 if state.step_in_epoch == steps_per_epoch:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                     if monitors.due(state.epoch, cfg.optim.epochs):  # before the checkpoint: a
                         # kill in between reruns it on resume instead of losing its row
-                        logger.log(state.step, {"epoch": state.epoch, **_val_row(monitors.evaluate(model))})
+                        logger.log(state.step, {"epoch": state.epoch, **val_row(monitors.evaluate(model))})
                     keep = cfg.train.keep_every_epochs
                     state.extra["elapsed"] += time.time() - t_start
                     t_start = time.time()
@@ -262,36 +262,6 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
     result.finished = state.step >= sched.total
     result.interrupted = stop.set
     result.collapsed_at = monitors.collapsed_at
-
-
-def _postfix(row: dict, lr: float, tau: float) -> dict:
-    post = {"loss": f"{row['loss']:.4f}", "z_std": f"{row['z_std']:.2f}", "lr": f"{lr:.3g}",
-            "tau": f"{tau:.4f}", "img_s": f"{row['images_per_s']:.0f}"}
-    if "online_linear_top1" in row:
-        post["lin"] = f"{row['online_linear_top1']:.1f}%"
-    if row.get("collapsed"):
-        post["status"] = "COLLAPSED"
-    return post
-
-
-def _val_row(out: dict) -> dict:
-    return {k: v for k, v in out.items() if k.startswith("val_")}
-
-
-def _final_eval(cfg, state, monitors, run_dir, result) -> None:
-    """Held-out kNN (eval/knn.json) and online classifier (eval/online_linear.json) at the end."""
-    out = monitors.evaluate(state.model)
-    result.knn = {"top1": out["val_knn_top1"], "top5": out["val_knn_top5"], "k": cfg.eval.knn_k,
-                  "temperature": cfg.eval.knn_temperature, "n_bank": out["n_bank"], "n_test": out["n_test"]}
-    write_json(run_dir / "eval" / "knn.json", {**result.knn, "step": state.step})
-    if "val_online_linear_top1" in out:
-        result.online_linear = {"top1": out["val_online_linear_top1"], "top5": out["val_online_linear_top5"],
-                                "n_test": out["n_test"], "step": state.step,
-                                "note": "linear classifier trained online on detached representations"}
-        write_json(run_dir / "eval" / "online_linear.json", result.online_linear)
-    logger = MetricsLogger(run_dir, tensorboard=False)
-    logger.log(state.step, {"epoch": state.epoch, **_val_row(out)})
-    logger.close()
 
 
 def _write_summary(cfg, state, run_dir, result, device, precision) -> None:

@@ -3,7 +3,7 @@
     after_step(step, outputs, labels)   every step: the online linear classifier's step; the
                                         effective ranks every eval.collapse_every steps
     log_values(step, stats)             when the loop logs: accuracy, ranks, the collapse flag
-    evaluate(step, epoch)               kNN (+ online classifier) on the held-out split
+    evaluate(model)                     kNN (+ online classifier) on the held-out split
 
 None of them touches the encoder: the classifier reads y.detach(), evaluation runs in eval mode
 under no_grad and leaves the global RNG stream as it found it (tests/test_monitor.py trains one
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from byol.config import Config
 from byol.eval.monitor import CollapseDetector, OnlineLinear, collapse_stats, monitor_eval
+from byol.train.run import MetricsLogger, write_json
 
 
 def make_probe(cfg: Config, data, feature_dim: int, device: torch.device) -> OnlineLinear | None:
@@ -88,3 +89,33 @@ class Monitors:
             k=e.knn_k, temperature=e.knn_temperature, probe=self.probe, batch_size=e.batch_size,
             device=self.device, workers=self.workers, progress=False,
         )
+
+
+def progress_postfix(row: dict, lr: float, tau: float) -> dict:
+    post = {"loss": f"{row['loss']:.4f}", "z_std": f"{row['z_std']:.2f}", "lr": f"{lr:.3g}",
+            "tau": f"{tau:.4f}", "img_s": f"{row['images_per_s']:.0f}"}
+    if "online_linear_top1" in row:
+        post["lin"] = f"{row['online_linear_top1']:.1f}%"
+    if row.get("collapsed"):
+        post["status"] = "COLLAPSED"
+    return post
+
+
+def val_row(out: dict) -> dict:
+    return {k: v for k, v in out.items() if k.startswith("val_")}
+
+
+def final_eval(cfg, state, monitors, run_dir, result) -> None:
+    """Held-out kNN (eval/knn.json) and online classifier (eval/online_linear.json) at the end."""
+    out = monitors.evaluate(state.model)
+    result.knn = {"top1": out["val_knn_top1"], "top5": out["val_knn_top5"], "k": cfg.eval.knn_k,
+                  "temperature": cfg.eval.knn_temperature, "n_bank": out["n_bank"], "n_test": out["n_test"]}
+    write_json(run_dir / "eval" / "knn.json", {**result.knn, "step": state.step})
+    if "val_online_linear_top1" in out:
+        result.online_linear = {"top1": out["val_online_linear_top1"], "top5": out["val_online_linear_top5"],
+                                "n_test": out["n_test"], "step": state.step,
+                                "note": "linear classifier trained online on detached representations"}
+        write_json(run_dir / "eval" / "online_linear.json", result.online_linear)
+    logger = MetricsLogger(run_dir, tensorboard=False)
+    logger.log(state.step, {"epoch": state.epoch, **val_row(out)})
+    logger.close()
