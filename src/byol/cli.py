@@ -3,7 +3,10 @@
     byol demo                                              # built-in data, kNN before vs after
     byol pretrain --config configs/cifar10_resnet18.yaml data.path=/imgs optim.epochs=200
     byol pretrain --resume runs/cifar10_resnet18-20261123-101500
-    byol eval knn runs/NAME --train /imgs/train --test /imgs/test
+    byol eval knn|linear|finetune runs/NAME [--train /imgs/train --test /imgs/test]
+    byol export runs/NAME --out encoder.safetensors        # then byol.load_encoder(...)
+    byol embed encoder.safetensors /imgs --out emb.npy
+    byol report runs/NAME
 
 A user mistake (missing file, bad config value, unreadable data) prints one line on stderr and
 exits with code 2; set BYOL_DEBUG=1 to see the traceback instead.
@@ -17,14 +20,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from byol.cli_tools import add_eval_parsers, add_tool_parsers
 from byol.config import ConfigError, apply_overrides, config_from_dict, read_yaml
 
 EXAMPLES = {
     "pretrain": "example:\n  byol pretrain --config cifar10_resnet18 data.path=/data/cifar10/train optim.epochs=200\n"
                 "  byol pretrain --resume runs/cifar10_resnet18-20261123-101500",
     "demo": "example:\n  byol demo\n  byol demo optim.epochs=2 train.out_dir=/tmp/runs",
-    "knn": "example:\n  byol eval knn runs/demo --train /data/train --test /data/test\n"
-           "  byol eval knn runs/demo            # the run's own held-out split",
 }
 
 
@@ -128,20 +130,6 @@ def cmd_demo(args) -> int:
     return 130 if result.interrupted else 0
 
 
-def cmd_eval_knn(args) -> int:
-    """`byol eval knn`: weighted kNN of a run's frozen online encoder."""
-    from byol.eval.commands import knn_command
-
-    out = knn_command(args.run, train=args.train, test=args.test, k=args.k,
-                      temperature=args.temperature, batch_size=args.batch_size,
-                      device=args.device, workers=args.workers)
-    print(f"kNN (k={out['k']}, T={out['temperature']}): top-1 {out['top1']:.2f}%, "
-          f"top-5 {out['top5']:.2f}% on {out['n_test']} images (bank {out['n_bank']})")
-    if out.get("written_to"):
-        print(f"results: {out['written_to']}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="byol", description=__doc__, formatter_class=fmt)
@@ -163,21 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="evaluate a pretrained encoder")
-    esub = p.add_subparsers(dest="protocol", required=True)
-    k = esub.add_parser("knn", help="weighted kNN on frozen features", epilog=EXAMPLES["knn"],
-                        formatter_class=fmt,
-                        description="Weighted kNN (cosine, exp(s/T) votes) with the frozen online "
-                                    "encoder of a run directory or checkpoint.")
-    k.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    k.add_argument("--train", help="folder of labelled images for the kNN bank")
-    k.add_argument("--test", help="folder of labelled images to classify")
-    k.add_argument("--k", type=int, default=None, help="neighbours (default: the run's eval.knn_k)")
-    k.add_argument("--temperature", type=float, default=None, help="default: eval.knn_temperature")
-    k.add_argument("--batch-size", type=int, default=None)
-    k.add_argument("--device", default="auto")
-    k.add_argument("--workers", type=int, default=None)
-    k.set_defaults(func=cmd_eval_knn)
+    add_eval_parsers(sub)
+    add_tool_parsers(sub)
     return parser
 
 

@@ -49,6 +49,12 @@ class ResumableSampler(Sampler):
         return self.n - self.start
 
 
+def sample_seed(seed: int, epoch: int, i: int) -> int:
+    """The augmentation seed of sample ``i`` in ``epoch``: a fixed mix of the three, stable across
+    processes and Python versions (unlike hash())."""
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xC2B2AE3D27D4EB4F + i) % 2**63
+
+
 class SeededViews(Dataset):
     """(epoch, i) -> (view1, view2, label): two augmented views drawn from an RNG seeded by
     (seed, epoch, i). The global torch RNG is forked so the caller's stream is untouched."""
@@ -63,10 +69,8 @@ class SeededViews(Dataset):
         epoch, i = key
         image, label = self.base[i]
         with torch.random.fork_rng(devices=[]):
-            # the CPU generator only (torch.manual_seed would reseed CUDA too); a fixed mix of
-            # (seed, epoch, i), stable across processes and Python versions, unlike hash()
-            mixed = (self.seed * 0x9E3779B97F4A7C15 + epoch * 0xC2B2AE3D27D4EB4F + i) % 2**63
-            torch.default_generator.manual_seed(mixed)
+            # the CPU generator only (torch.manual_seed would reseed CUDA too)
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
             v1, v2 = self.views(image)
         return v1, v2, label
 

@@ -96,7 +96,7 @@ def sample_ids(ds: Dataset) -> list[str]:
     """A stable name per sample: the file path of a folder image, ``shapes:<i>`` for shapes."""
     base, indices = _base_and_indices(ds)
     if isinstance(base, ImageFolderDataset):
-        return [str(base.files[i]) for i in indices]
+        return [str(base.files[i].absolute()) for i in indices]  # any working directory
     if isinstance(base, ShapesDataset):
         return [f"shapes:{i}" for i in indices]
     return [f"{type(base).__name__}:{i}" for i in indices]

@@ -1,0 +1,273 @@
+"""Export the encoder f (PAPER.md §2) of a run for downstream use, load it back, embed a folder.
+
+The exported file is safetensors: a JSON header plus raw tensor bytes, so loading it never runs
+code (unlike a pickle, which may import and call anything). It holds only the encoder's
+``state_dict`` (BN running statistics included) — no projector, predictor or target — and its
+architecture as JSON, both in the safetensors metadata (key ``byol_encoder``) and in a sidecar
+``<stem>.json`` for people and tools that do not read safetensors headers.
+
+    byol export runs/r --out encoder.safetensors
+    enc = byol.load_encoder("encoder.safetensors")        # torchvision-style ResNet, eval mode
+    y = enc(encoder_transform(enc.byol_meta)(image)[None])  # uint8 [3,H,W] -> [1, D]
+    byol embed encoder.safetensors images/ --out emb.npy  # emb.npy [N, D] + emb.files.txt
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from byol.augment.views import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from byol.data.decode import decode_image
+from byol.data.errors import DataError
+from byol.data.folder import ImageFolderDataset
+from byol.data.loader import default_workers, eval_crop_fraction
+from byol.eval.features import extract_features
+from byol.models.backbones import RESNET_SPECS, resnet
+from byol.train.loop import resolve_device
+
+FORMAT = "byol-encoder"
+FORMAT_VERSION = 1
+METADATA_KEY = "byol_encoder"
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """Yield a temp path beside ``path``; rename it over ``path`` on success, so a crash never
+    leaves a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _replacing(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def sidecar_path(out: str | os.PathLike) -> Path:
+    """``encoder.safetensors`` -> ``encoder.json`` (the human-readable architecture)."""
+    return Path(out).with_suffix(".json")
+
+
+def _refuse_overwrite(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise DataError(f"export: {out} already exists (pass --force to overwrite)")
+
+
+def save_encoder(encoder: nn.Module, out: str | os.PathLike, *, backbone: str, width: float = 1.0,
+                 cifar_stem: bool = False, image_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 source: dict | None = None, force: bool = False) -> dict:
+    """Write an encoder f (a ``byol.models.backbones.ResNet``) as safetensors + sidecar json.
+
+    ``backbone``/``width``/``cifar_stem`` must describe ``encoder`` (checked against a shape-only
+    model); ``image_size``/``mean``/``std`` are what it was trained on, for the eval transform;
+    ``source`` adds provenance (checkpoint, step). Refuses to overwrite ``out`` unless ``force``.
+    Returns the architecture metadata.
+    """
+    from byol import __version__
+
+    out = Path(out)
+    _refuse_overwrite(out, force)
+    if backbone not in RESNET_SPECS:
+        raise ValueError(f"backbone must be one of {', '.join(RESNET_SPECS)}, got {backbone!r}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    with torch.device("meta"):  # shapes only: no memory, no init cost even for ResNet-200 4x
+        expected = {k: v.shape for k, v in resnet(backbone, width=width, cifar_stem=cifar_stem)
+                    .state_dict().items()}
+    if {k: v.shape for k, v in tensors.items()} != expected:
+        raise ValueError(f"encoder does not match backbone={backbone} width={width} "
+                         f"cifar_stem={cifar_stem} (state_dict keys or shapes differ)")
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "backbone": backbone, "width": width,
+        "cifar_stem": cifar_stem, "feature_dim": encoder.feature_dim, "image_size": image_size,
+        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "eval_crop_fraction": eval_crop_fraction(image_size), "source_checkpoint": None,
+        "step": None, **(source or {}), "byol_version": __version__,
+    }
+    # Sidecar first: once ``out`` exists under its final name, the export is complete.
+    _write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
+    with _replacing(out) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt",
+                                                            METADATA_KEY: json.dumps(meta)})
+    return meta
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    # mmap: the tensors are mapped, not read, so getting the step costs no second full load.
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"])
+
+
+def _run_encoder(run_or_checkpoint: str | os.PathLike, which: str = "online") -> tuple[nn.Module, dict]:
+    """-> (encoder f of a run, in eval mode; its metadata as ``save_encoder`` writes it)."""
+    from byol.eval.commands import load_run
+
+    if which not in ("online", "target"):
+        raise ValueError(f"which must be 'online' or 'target', got {which!r}")
+    cfg, model, ckpt, _ = load_run(run_or_checkpoint)
+    if which == "target" and not hasattr(model, "target_encoder"):
+        raise DataError(f"{ckpt} has no target encoder (method.target={cfg.method.target})")
+    encoder = model.encoder if which == "online" else model.target_encoder
+    m, aug = cfg.model, cfg.augment
+    meta = dict(backbone=m.backbone, width=m.width, cifar_stem=m.cifar_stem, image_size=aug.size,
+                mean=aug.mean, std=aug.std,
+                source={"source_checkpoint": str(ckpt), "step": _checkpoint_step(ckpt),
+                        "which": which})
+    return encoder.eval(), meta
+
+
+def export_encoder(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike, *,
+                   which: str = "online", force: bool = False) -> dict:
+    """``byol export``: the online encoder f_θ of a run dir or checkpoint -> ``out`` (safetensors)
+    + ``<stem>.json``. ``which="target"`` exports the EMA encoder f_ξ instead. Returns the
+    metadata plus ``out``, ``sidecar`` and ``num_tensors``."""
+    _refuse_overwrite(Path(out), force)  # before loading a possibly large checkpoint
+    encoder, arch = _run_encoder(run_or_checkpoint, which)
+    meta = save_encoder(encoder, out, force=force, **arch)
+    return {**meta, "out": str(out), "sidecar": str(sidecar_path(out)),
+            "num_tensors": len(encoder.state_dict())}
+
+
+def _read_meta(path: Path) -> dict:
+    """The architecture of an exported encoder: safetensors metadata, else the sidecar json."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception:  # only a header was parsed, no code ran; any failure means "not ours"
+        raise DataError(f"{path} is not a safetensors file") from None
+    sidecar = sidecar_path(path)
+    try:
+        if METADATA_KEY in header:
+            meta = json.loads(header[METADATA_KEY])
+        elif sidecar.is_file():
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        else:
+            raise DataError(f"{path} is not a byol encoder (no {METADATA_KEY!r} metadata and no "
+                            f"sidecar {sidecar.name})")
+    except json.JSONDecodeError:
+        raise DataError(f"{path} is not a byol encoder (its architecture json is invalid)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path} is not a byol encoder (format is not {FORMAT!r})")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise DataError(f"{path}: encoder format {meta['version']} is newer than this byol reads "
+                        f"({FORMAT_VERSION}); upgrade byol")
+    if meta.get("backbone") not in RESNET_SPECS:
+        raise DataError(f"{path}: unknown backbone {meta.get('backbone')!r} "
+                        f"(known: {', '.join(RESNET_SPECS)})")
+    return meta
+
+
+def load_encoder(path: str | os.PathLike, *, device: str = "cpu") -> nn.Module:
+    """Load an exported encoder f: a ``byol.models.backbones.ResNet`` (torchvision-style, forward
+    [B, 3, H, W] -> [B, D]) in eval mode on ``device``, with ``.byol_meta`` (image_size, mean,
+    std, eval_crop_fraction, ...; see ``encoder_transform``). Never unpickles anything."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"encoder file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"encoder path is not a file: {path}")
+    meta = _read_meta(path)
+    dev = resolve_device(device, what="device")
+    encoder = resnet(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"])
+    try:
+        encoder.load_state_dict(safetensors.torch.load_file(str(path)), strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatch
+        detail = " ".join(str(e).split())[:300]
+        raise DataError(f"{path}: tensors do not match {meta['backbone']} width={meta['width']}: "
+                        f"{detail}") from None
+    except Exception:
+        raise DataError(f"{path} is not a valid safetensors file (corrupt tensor data)") from None
+    encoder.byol_meta = meta
+    return encoder.to(dev).eval()
+
+
+def encoder_transform(meta: dict):
+    """The centre-crop eval transform (PAPER.md §5) matching an encoder's ``byol_meta``:
+    uint8 [3, H, W] -> float32 [3, image_size, image_size], normalised."""
+    return eval_transform(meta["image_size"], crop_fraction=meta["eval_crop_fraction"],
+                          mean=meta["mean"], std=meta["std"])
+
+
+class _Decoded(Dataset):
+    """file i -> (transformed image, i), or (zeros, -1) when it fails to decode: the row is
+    dropped afterwards instead of silently replaced by another image, so rows match files."""
+
+    def __init__(self, files: Sequence[Path], transform, size: int) -> None:
+        self.files, self.transform, self.size = files, transform, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(decode_image(self.files[i])), i
+        except DataError:
+            return torch.zeros(3, self.size, self.size), -1
+
+
+def _open_encoder(source: str | os.PathLike, device: torch.device) -> tuple[nn.Module, dict]:
+    """An exported ``.safetensors`` encoder, or the online encoder of a run dir / checkpoint."""
+    if Path(source).suffix == ".safetensors":
+        encoder = load_encoder(source)
+        return encoder.to(device), encoder.byol_meta
+    encoder, arch = _run_encoder(source)
+    return encoder.to(device), {**arch, "eval_crop_fraction": eval_crop_fraction(arch["image_size"])}
+
+
+def embed_folder(encoder_path: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
+                 *, batch_size: int = 256, device: str = "auto", workers: int | None = None,
+                 progress: bool = True) -> dict:
+    """``byol embed``: representations y = f(x) [N, D] of every image under ``images``.
+
+    Writes ``out`` (float32 .npy, row i = file i), ``<stem>.files.txt`` (paths relative to
+    ``images``, in row order) and, for a labelled folder, ``<stem>.labels.json`` ({classes,
+    labels}). Bad files are skipped and listed. Returns {n, dim, out, files, labels, skipped}.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images, out = Path(images), Path(out)
+    if not images.is_dir():
+        raise DataError(f"embed: images folder not found: {images}")
+    dev = resolve_device(device, what="--device")
+    encoder, meta = _open_encoder(encoder_path, dev)
+    folder = ImageFolderDataset(images, bad_files="skip", verify="quick")
+    data = _Decoded(folder.files, encoder_transform(meta), meta["image_size"])
+    feats, ids = extract_features(encoder, data, batch_size=batch_size, device=dev,
+                                  workers=default_workers(workers, dev), progress=progress,
+                                  desc="embed")
+    keep = (ids >= 0).nonzero().flatten().tolist()
+    failed = (ids < 0).nonzero().flatten().tolist()  # passed the quick check, failed to decode
+    skipped = [list(s) for s in folder.skipped]
+    skipped += [[str(folder.files[i]), "could not be decoded"] for i in failed]
+    if not keep:
+        raise DataError(f"embed: no image under {images} could be decoded")
+    array = feats[keep].numpy().astype(np.float32, copy=False)
+    with _replacing(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+    files_txt = out.with_suffix(".files.txt")
+    _write_text(files_txt, "".join(folder.files[i].relative_to(folder.root).as_posix() + "\n"
+                                   for i in keep))
+    labels_json = None
+    if folder.labels is not None:
+        labels_json = out.with_suffix(".labels.json")
+        _write_text(labels_json, json.dumps({"classes": folder.classes,
+                                             "labels": [folder.labels[i] for i in keep]}) + "\n")
+    return {"n": len(keep), "dim": array.shape[1], "out": str(out), "files": str(files_txt),
+            "labels": None if labels_json is None else str(labels_json), "skipped": skipped}
