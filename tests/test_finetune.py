@@ -1,5 +1,5 @@
 """Supervised protocols of PAPER.md §5: label subsets, the frozen/fine-tuned classifier loop and
-the `eval linear-paper` / `eval finetune` commands on a tiny pretraining run."""
+the `eval linear --protocol paper` / `eval finetune` commands on a tiny pretraining run."""
 from __future__ import annotations
 
 import json

@@ -127,6 +127,11 @@ def cmd_demo(args) -> int:
     if result.knn_init is not None and result.knn is not None:
         gain = result.knn["top1"] - result.knn_init["top1"]
         print(f"BYOL improved the kNN accuracy by {gain:+.2f} points.")
+    if result.finished:
+        from byol.report import make_report
+
+        report = make_report(result.run_dir)
+        print(f"report: {report['summary']} (plots beside it; `byol report RUN_DIR` for any run)")
     return 130 if result.interrupted else 0
 
 

@@ -81,7 +81,8 @@ def cmd_eval_linear(args) -> int:
     if args.protocol == "paper":
         from byol.eval.finetune import paper_linear_command
 
-        out = paper_linear_command(args.run, epochs=args.epochs or 80, batch_size=args.batch_size or 256,
+        out = paper_linear_command(args.run, epochs=80 if args.epochs is None else args.epochs,
+                                   batch_size=256 if args.batch_size is None else args.batch_size,
                                    base_lr=args.base_lr, **common)
         _print_result(f"linear (paper protocol, {out['epochs']} epochs)", out)
         return 0
@@ -90,7 +91,7 @@ def cmd_eval_linear(args) -> int:
     out = fast_linear_command(args.run, val_fraction=args.val_fraction, lrs=args.lrs,
                               weight_decays=args.weight_decays, epochs=args.epochs,
                               batch_size=args.batch_size, cache=not args.no_cache, **common)
-    _print_result(f"linear (fast: frozen features, lr {out['best_lr']:g}, wd {out['best_weight_decay']:g})", out)
+    _print_result(f"linear (fast: frozen features, lr {out['lr']:g}, wd {out['weight_decay']:g})", out)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The supervised protocols of PAPER.md §5 on a pretrained run: the paper's linear evaluation and
 semi-supervised fine-tuning on a class-balanced fraction of the labels.
 
-    byol eval linear-paper runs/NAME                       # frozen encoder, 80 epochs
+    byol eval linear runs/NAME --protocol paper            # frozen encoder, 80 epochs
     byol eval finetune runs/NAME --labels-fraction 0.01    # 1% of the labels, end to end
 
 Label subsets are drawn from the TRAIN split only (so they never hold a test image), per class
@@ -137,7 +137,7 @@ def paper_linear_command(run: str, *, train: str | None = None, test: str | None
     """Linear evaluation of PAPER.md §5: frozen encoder (BN in eval mode), crop + flip while
     training, centre crop at test, SGD Nesterov 0.9, lr = base_lr * batch / 256 cosine, no
     weight decay. Writes run_dir/eval/linear_paper_<tag>.json."""
-    what = "eval linear-paper"
+    what = "eval linear --protocol paper"
     _check(what, *_common_rules(epochs, batch_size, seed, 1), (base_lr > 0, "--base-lr", "> 0", base_lr))
     cfg, encoder, ckpt, run_dir, splits, dev = _prepare(run, train, test, what, device, random_init, seed)
     batch = min(batch_size, len(splits.train))

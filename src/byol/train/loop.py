@@ -243,7 +243,10 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                     if monitors.due(state.epoch, cfg.optim.epochs):  # before the checkpoint: a
                         # kill in between reruns it on resume instead of losing its row
+                        t_eval = time.time()
                         logger.log(state.step, {"epoch": state.epoch, **val_row(monitors.evaluate(model))})
+                        t_start += time.time() - t_eval  # "elapsed" is training time only
+                        t_log += time.time() - t_eval
                     keep = cfg.train.keep_every_epochs
                     state.extra["elapsed"] += time.time() - t_start
                     t_start = time.time()
@@ -265,7 +268,8 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
 
 
 def _write_summary(cfg, state, run_dir, result, device, precision) -> None:
-    """summary.json: where the run stands (read by `byol report`)."""
+    """summary.json: where the run stands (read by `byol report`). elapsed_s is the training wall
+    time over all sessions: data, steps and checkpoints, not the evaluations."""
     elapsed = state.extra.get("elapsed", 0.0)
     total = (state.extra["n_train"] // cfg.optim.batch_size) * cfg.optim.epochs
     write_json(run_dir / "summary.json", {
