@@ -54,7 +54,7 @@ def test_pretrain_on_a_folder_end_to_end(tmp_path, capsys):
     # evaluate the same checkpoint on folders (transfer-style) through `byol eval knn`
     out = run_cli("eval", "knn", str(run), "--train", str(data), "--test", str(data), "--k", "3")
     assert out.returncode == 0, out.stderr
-    assert "top-1" in out.stdout and (run / "eval" / "knn_imgs.json").is_file()
+    assert "top-1" in out.stdout and (run / "eval" / f"knn_{tmp_path.name}_imgs.json").is_file()
     _expect_error(capsys, ["eval", "knn", str(run), "--k", "0"], "--k >= 1")
     _expect_error(capsys, ["eval", "knn", str(run), "--device", "gpu0"], "--device must be")
     _expect_error(capsys, ["eval", "knn", str(run), "--train", str(data)], "both --train and --test")

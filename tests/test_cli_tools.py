@@ -50,13 +50,31 @@ def test_eval_linear_fast_and_paper_and_random_floor(run, capsys):
     paper = _result(run, "linear_paper_heldout.json")
     assert paper["epochs"] == 1 and paper["n_test"] == 16 and paper["lr"] == pytest.approx(0.2 * 16 / 256)
     _expect_error(capsys, ["eval", "linear", str(run), "--protocol", "paper", "--epochs", "0"], "--epochs")
+    _expect_error(capsys, ["eval", "linear", str(run), "--protocol", "paper", "--lrs", "0.1"], "--lrs")
+    _expect_error(capsys, ["eval", "linear", str(run), "--base-lr", "0.1"], "--base-lr")
+
+
+def test_eval_knn_random_floor_and_a_changed_data_folder(run, tmp_path, capsys):
+    assert main(["eval", "knn", str(run), "--random-init"]) == 0
+    floor = _result(run, "knn_heldout_random_init.json")
+    assert floor["random_init"] and floor["n_test"] == 16
+    assert "random-init" in capsys.readouterr().out
+    # the run's held-out split is rebuilt from its data: if that data changed, refuse
+    import shutil
+
+    data = write_shapes_folder(tmp_path / "imgs", n=24, classes=3)
+    out = tmp_path / "runs"
+    assert main(["pretrain", "--config", "demo", *TINY, f"data.path={data}", "data.dataset=folder",
+                 "data.val_fraction=0.25", "optim.epochs=1", f"train.out_dir={out}", "train.name=f"]) == 0
+    shutil.copy(next((data / "circle").glob("*.jpg")), data / "circle" / "extra.jpg")
+    _expect_error(capsys, ["eval", "knn", str(out / "f")], "the data changed")
 
 
 def test_eval_finetune_saves_its_label_subset(run, capsys):
     assert main(["eval", "finetune", str(run), "--labels-fraction", "0.25", "--epochs", "1",
                  "--batch-size", "8"]) == 0
     out = _result(run, "finetune_25pct_heldout.json")
-    subset = (run / "eval" / "labels_25pct_seed0.txt").read_text().splitlines()
+    subset = (run / "eval" / "labels_25pct_seed0_heldout.txt").read_text().splitlines()
     assert out["n_labelled"] == len(subset) == 16  # 48 train images: 8 classes x 6 -> round(1.5) = 2 each
     assert "labelled subset:" in capsys.readouterr().out
     _expect_error(capsys, ["eval", "finetune", str(run), "--labels-fraction", "2"], "--labels-fraction")

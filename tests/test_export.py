@@ -57,7 +57,8 @@ def _marker_pickle(marker):
 
 def test_exported_encoder_gives_the_checkpoint_online_features(run_dir, exported):
     path, info = exported
-    _, model, ckpt, _ = load_run(run_dir)
+    loaded = load_run(run_dir)
+    model, ckpt = loaded.model, loaded.checkpoint
     online = model.encoder.eval()
     loaded = load_encoder(path)
     assert isinstance(loaded, type(online)) and not loaded.training
@@ -79,7 +80,7 @@ def test_exported_encoder_gives_the_checkpoint_online_features(run_dir, exported
 def test_file_is_safetensors_with_exactly_the_encoder_tensors(run_dir, exported):
     path, _ = exported
     header = _header(path)
-    _, model, _, _ = load_run(run_dir)
+    model = load_run(run_dir).model
     assert set(header) - {"__metadata__"} == set(model.encoder.state_dict())
     assert not any(k.startswith(("projector", "predictor", "target")) for k in header)
     assert json.loads(header["__metadata__"]["byol_encoder"])["format"] == "byol-encoder"
@@ -118,7 +119,7 @@ def _torch_save_bytes(payload):
 
 
 def test_which_target_exports_the_ema_encoder(run_dir, tmp_path):
-    _, model, _, _ = load_run(run_dir)
+    model = load_run(run_dir).model
     info = export_encoder(run_dir, tmp_path / "t.safetensors", which="target")
     loaded = load_encoder(tmp_path / "t.safetensors")
     assert info["which"] == "target"

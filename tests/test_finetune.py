@@ -208,7 +208,7 @@ def test_paper_linear_command_writes_its_json(run_dir):
 def test_finetune_command_writes_json_and_subset_reused_by_labels_file(run_dir):
     out = finetune_command(str(run_dir), labels_fraction=0.25, epochs=2, batch_size=8,
                            device="cpu", workers=0)
-    subset = run_dir / "eval" / "labels_25pct_seed0.txt"
+    subset = run_dir / "eval" / "labels_25pct_seed0_heldout.txt"
     assert out["subset_file"] == str(subset)
     assert out["written_to"] == str(run_dir / "eval" / "finetune_25pct_heldout.json")
     lines = subset.read_text().splitlines()

@@ -26,7 +26,7 @@ EXAMPLES = {
               "  byol eval linear runs/demo --train /data/c100/train --test /data/c100/test\n"
               "  byol eval linear runs/demo --random-init          # the untrained floor",
     "finetune": "example:\n  byol eval finetune runs/demo --labels-fraction 0.01\n"
-                "  byol eval finetune runs/other --labels-file runs/demo/eval/labels_1pct_seed0.txt",
+                "  byol eval finetune runs/other --labels-file runs/demo/eval/labels_1pct_seed0_heldout.txt",
     "export": "example:\n  byol export runs/demo --out encoder.safetensors   # + encoder.json\n"
               "  python -c \"import byol; f = byol.load_encoder('encoder.safetensors')\"",
     "embed": "example:\n  byol embed encoder.safetensors /data/images --out emb.npy  # + emb.files.txt\n"
@@ -36,14 +36,12 @@ EXAMPLES = {
 }
 
 
-def _common(p: argparse.ArgumentParser, *, folders: bool = True, random_init: bool = True) -> None:
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    if folders:
-        p.add_argument("--train", help="labelled folder to train/fit on (default: the run's train split)")
-        p.add_argument("--test", help="labelled folder to test on (default: the run's held-out split)")
-    if random_init:
-        p.add_argument("--random-init", action="store_true",
-                       help="evaluate an untrained encoder of the same architecture (the floor)")
+    p.add_argument("--train", help="labelled folder to train/fit on (default: the run's train split)")
+    p.add_argument("--test", help="labelled folder to test on (default: the run's held-out split)")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate an untrained encoder of the same architecture (the floor)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: by machine)")
 
@@ -67,15 +65,33 @@ def cmd_eval_knn(args) -> int:
 
     out = knn_command(args.run, train=args.train, test=args.test, k=args.k,
                       temperature=args.temperature, batch_size=args.batch_size,
-                      device=args.device, workers=args.workers)
-    print(f"kNN (k={out['k']}, T={out['temperature']}): top-1 {out['top1']:.2f}%, "
+                      device=args.device, workers=args.workers, random_init=args.random_init,
+                      seed=args.seed)
+    floor = " (random-init encoder)" if args.random_init else ""
+    print(f"kNN{floor} (k={out['k']}, T={out['temperature']}): top-1 {out['top1']:.2f}%, "
           f"top-5 {out['top5']:.2f}% on {out['n_test']} images (bank {out['n_bank']})")
     if out.get("written_to"):
         print(f"results: {out['written_to']}")
     return 0
 
 
+# flags that only one protocol of `eval linear` reads: given to the other, they are a mistake
+FAST_ONLY = {"val_fraction": "--val-fraction", "lrs": "--lrs", "weight_decays": "--weight-decays",
+             "no_cache": "--no-cache"}
+PAPER_ONLY = {"base_lr": "--base-lr"}
+
+
+def _check_protocol_flags(args) -> None:
+    from byol.config import ConfigError
+
+    other = FAST_ONLY if args.protocol == "paper" else PAPER_ONLY
+    for key, flag in other.items():
+        if getattr(args, key) not in (None, False):
+            raise ConfigError(f"eval linear: {flag} does not apply to --protocol {args.protocol}")
+
+
 def cmd_eval_linear(args) -> int:
+    _check_protocol_flags(args)
     common = dict(train=args.train, test=args.test, device=args.device, workers=args.workers,
                   seed=args.seed, random_init=args.random_init)
     if args.protocol == "paper":
@@ -83,12 +99,13 @@ def cmd_eval_linear(args) -> int:
 
         out = paper_linear_command(args.run, epochs=80 if args.epochs is None else args.epochs,
                                    batch_size=256 if args.batch_size is None else args.batch_size,
-                                   base_lr=args.base_lr, **common)
+                                   base_lr=0.2 if args.base_lr is None else args.base_lr, **common)
         _print_result(f"linear (paper protocol, {out['epochs']} epochs)", out)
         return 0
     from byol.eval.linear import fast_linear_command
 
-    out = fast_linear_command(args.run, val_fraction=args.val_fraction, lrs=args.lrs,
+    out = fast_linear_command(args.run, val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+                              lrs=args.lrs,
                               weight_decays=args.weight_decays, epochs=args.epochs,
                               batch_size=args.batch_size, cache=not args.no_cache, **common)
     _print_result(f"linear (fast: frozen features, lr {out['lr']:g}, wd {out['weight_decay']:g})", out)
@@ -153,7 +170,8 @@ def add_eval_parsers(sub) -> None:
                         formatter_class=FMT,
                         description="Weighted kNN (cosine, exp(s/T) votes) with the frozen online "
                                     "encoder of a run directory or checkpoint.")
-    _common(k, random_init=False)
+    _common(k)
+    k.add_argument("--seed", type=int, default=0, help="init of the --random-init encoder")
     k.add_argument("--k", type=int, default=None, help="neighbours (default: the run's eval.knn_k)")
     k.add_argument("--temperature", type=float, default=None, help="default: eval.knn_temperature")
     k.add_argument("--batch-size", type=int, default=None)
@@ -171,9 +189,9 @@ def add_eval_parsers(sub) -> None:
     lin.add_argument("--protocol", choices=("fast", "paper"), default="fast")
     lin.add_argument("--epochs", type=int, default=None, help="default: 100 (fast), 80 (paper)")
     lin.add_argument("--batch-size", type=int, default=None, help="default: 1024 (fast), 256 (paper)")
-    lin.add_argument("--base-lr", type=float, default=0.2, help="paper: lr = base_lr x batch / 256")
-    lin.add_argument("--val-fraction", type=float, default=0.1,
-                     help="fast: share of the train split held out to choose lr and wd")
+    lin.add_argument("--base-lr", type=float, default=None, help="paper: lr = base_lr x batch / 256 (0.2)")
+    lin.add_argument("--val-fraction", type=float, default=None,
+                     help="fast: share of the train split held out to choose lr and wd (0.1)")
     lin.add_argument("--lrs", type=_floats, default=None, help="fast: comma-separated lrs to sweep")
     lin.add_argument("--weight-decays", type=_floats, default=None, help="fast: comma-separated")
     lin.add_argument("--no-cache", action="store_true", help="fast: do not read or write the feature cache")

@@ -110,25 +110,21 @@ def save_encoder(encoder: nn.Module, out: str | os.PathLike, *, backbone: str, w
     return meta
 
 
-def _checkpoint_step(ckpt: Path) -> int:
-    # mmap: the tensors are mapped, not read, so getting the step costs no second full load.
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"])
-
-
 def _run_encoder(run_or_checkpoint: str | os.PathLike, which: str = "online") -> tuple[nn.Module, dict]:
     """-> (encoder f of a run, in eval mode; its metadata as ``save_encoder`` writes it)."""
     from byol.eval.commands import load_run
 
     if which not in ("online", "target"):
         raise ValueError(f"which must be 'online' or 'target', got {which!r}")
-    cfg, model, ckpt, _ = load_run(run_or_checkpoint)
+    loaded = load_run(run_or_checkpoint)
+    cfg, model, ckpt = loaded.cfg, loaded.model, loaded.checkpoint
     if which == "target" and not hasattr(model, "target_encoder"):
         raise DataError(f"{ckpt} has no target encoder (method.target={cfg.method.target})")
     encoder = model.encoder if which == "online" else model.target_encoder
     m, aug = cfg.model, cfg.augment
     meta = dict(backbone=m.backbone, width=m.width, cifar_stem=m.cifar_stem, image_size=aug.size,
                 mean=aug.mean, std=aug.std,
-                source={"source_checkpoint": str(ckpt), "step": _checkpoint_step(ckpt),
+                source={"source_checkpoint": str(ckpt), "step": loaded.step,
                         "which": which})
     return encoder.eval(), meta
 
@@ -247,7 +243,10 @@ def embed_folder(encoder_path: str | os.PathLike, images: str | os.PathLike, out
         raise DataError(f"embed: images folder not found: {images}")
     dev = resolve_device(device, what="--device")
     encoder, meta = _open_encoder(encoder_path, dev)
-    folder = ImageFolderDataset(images, bad_files="skip", verify="quick")
+    try:
+        folder = ImageFolderDataset(images, bad_files="skip", verify="quick")
+    except DataError as e:  # its messages name data.path; here the user gave IMAGES
+        raise DataError(str(e).replace("data.path", "embed IMAGES", 1)) from None
     data = _Decoded(folder.files, encoder_transform(meta), meta["image_size"])
     feats, ids = extract_features(encoder, data, batch_size=batch_size, device=dev,
                                   workers=default_workers(workers, dev), progress=progress,

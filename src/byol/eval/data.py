@@ -44,7 +44,10 @@ class EvalSplits:
 def labelled_folder(path: str, flag: str, cfg: Config, classes: list[str] | None = None) -> ImageFolderDataset:
     """An ImageFolderDataset that must have class folders; with ``classes`` its labels are mapped
     onto that list (a test folder may hold a subset of the train folder's classes)."""
-    ds = ImageFolderDataset(path, bad_files=cfg.data.bad_files, verify=cfg.data.verify)
+    try:
+        ds = ImageFolderDataset(path, bad_files=cfg.data.bad_files, verify=cfg.data.verify)
+    except DataError as e:  # the folder's errors speak of data.path; here the user gave a flag
+        raise DataError(str(e).replace("data.path", flag, 1)) from None
     if ds.labels is None:
         raise DataError(f"{flag}: {path} has no class subfolders (evaluation needs labelled images)")
     if classes is not None and ds.classes != classes:
@@ -57,16 +60,25 @@ def labelled_folder(path: str, flag: str, cfg: Config, classes: list[str] | None
     return ds
 
 
+def folder_tag(path: str) -> str:
+    """Names result files after a test folder: its parent and its name (/data/cifar100/test ->
+    "cifar100_test"), so the test splits of two datasets do not overwrite each other."""
+    p = Path(path).resolve()
+    return f"{p.parent.name}_{p.name}" if p.parent.name else p.name
+
+
 def eval_splits(cfg: Config, train: str | None = None, test: str | None = None,
-                what: str = "eval") -> EvalSplits:
+                what: str = "eval", n_train: int | None = None) -> EvalSplits:
     """Folders ``train`` and ``test`` (both or neither); neither: the run's own data, split per
-    class by ``data.val_fraction`` and ``data.seed`` exactly as pretraining split it."""
+    class by ``data.val_fraction`` and ``data.seed`` exactly as pretraining split it. ``n_train``
+    (the number of images the run trained on) guards that split: if the folder changed since,
+    the split would differ and images the encoder trained on could land in the test set."""
     if (train is None) != (test is None):
         raise DataError(f"{what}: give both --train and --test, or neither (the run's held-out split)")
     if train is not None:
         train_ds = labelled_folder(train, "--train", cfg)
         test_ds = labelled_folder(test, "--test", cfg, classes=train_ds.classes)
-        return EvalSplits(train_ds, test_ds, list(train_ds.classes), tag=Path(test).resolve().name,
+        return EvalSplits(train_ds, test_ds, list(train_ds.classes), tag=folder_tag(test),
                           train_source=str(Path(train).resolve()), test_source=str(Path(test).resolve()))
     raw = open_images(cfg.data)
     labels = labels_of(raw)
@@ -78,6 +90,10 @@ def eval_splits(cfg: Config, train: str | None = None, test: str | None = None,
                         "give --train and --test folders")
     train_idx, test_idx = split_per_class(labels, cfg.data.val_fraction, cfg.data.seed)
     source = cfg.data.path or cfg.data.dataset
+    if n_train is not None and len(train_idx) != n_train:
+        raise DataError(f"{what}: the run trained on {n_train} images of {source} but its split now "
+                        f"has {len(train_idx)}: the data changed, so its held-out split is not the "
+                        "one the run held out; give --train and --test folders")
     return EvalSplits(Subset(raw, train_idx), Subset(raw, test_idx), list(raw.classes), tag="heldout",
                       train_source=f"{source} (train split)",
                       test_source=f"{source} (held-out {cfg.data.val_fraction:g} per class)")

@@ -15,19 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import Subset
 
 from byol.config import Config
 from byol.data.errors import DataError
 from byol.data.loader import Transformed, default_workers, make_eval_transform
-from byol.eval.commands import load_run
+from byol.eval.commands import eval_encoder, load_run, write_result
 from byol.eval.data import EvalSplits, eval_splits, sample_ids, sample_labels
 from byol.eval.supervised import train_classifier, train_transform
-from byol.models.build import build_encoder
 from byol.optim.schedules import scaled_lr
 from byol.train.loop import resolve_device
-from byol.train.run import write_json
 
 # Fine-tuning lr (absolute, not scaled by the batch): the low end of the paper's 0.005-0.1 sweep,
 # because with 1-10% of the labels a larger step wipes out pretrained features before the
@@ -91,39 +88,17 @@ def _common_rules(epochs: int, batch_size: int, seed: int,
             (seed >= 0, "--seed", ">= 0", seed)]
 
 
-def _encoder(cfg: Config, model: torch.nn.Module, random_init: bool, seed: int,
-             device: torch.device) -> torch.nn.Module:
-    """The run's online encoder f, or a freshly initialised one drawn from ``seed`` alone."""
-    if random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            encoder = build_encoder(cfg)
-    else:
-        encoder = model.encoder
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    return encoder.to(device, memory_format=fmt)
-
-
 def _prepare(run: str, train: str | None, test: str | None, what: str, device: str,
              random_init: bool, seed: int):
-    """-> (cfg, encoder on the device, checkpoint, run dir or None, EvalSplits, device)."""
-    cfg, model, ckpt, run_dir = load_run(run)
+    """-> (LoadedRun, encoder on the device, EvalSplits, device)."""
+    loaded = load_run(run)
     dev = resolve_device(device, what="--device")
-    splits = eval_splits(cfg, train, test, what=what)
-    return cfg, _encoder(cfg, model, random_init, seed, dev), ckpt, run_dir, splits, dev
+    splits = eval_splits(loaded.cfg, train, test, what=what, n_train=loaded.n_train)
+    return loaded, eval_encoder(loaded, random_init, seed, dev), splits, dev
 
 
 def _augmented(cfg: Config, raw_train) -> Transformed:
     return Transformed(raw_train, train_transform(cfg.augment.size, cfg.augment.mean, cfg.augment.std))
-
-
-def _finish(out: dict, run_dir: Path | None, name: str, random_init: bool) -> dict:
-    """Write ``out`` to run_dir/eval/<name>[_random_init].json when there is a run directory."""
-    if run_dir is not None:
-        path = run_dir / "eval" / f"{name}{'_random_init' if random_init else ''}.json"
-        write_json(path, out)
-        out["written_to"] = str(path)
-    return out
 
 
 def _sources(splits: EvalSplits) -> dict:
@@ -139,7 +114,8 @@ def paper_linear_command(run: str, *, train: str | None = None, test: str | None
     weight decay. Writes run_dir/eval/linear_paper_<tag>.json."""
     what = "eval linear --protocol paper"
     _check(what, *_common_rules(epochs, batch_size, seed, 1), (base_lr > 0, "--base-lr", "> 0", base_lr))
-    cfg, encoder, ckpt, run_dir, splits, dev = _prepare(run, train, test, what, device, random_init, seed)
+    loaded, encoder, splits, dev = _prepare(run, train, test, what, device, random_init, seed)
+    cfg = loaded.cfg
     batch = min(batch_size, len(splits.train))
     lr = scaled_lr(base_lr, batch)
     out = train_classifier(
@@ -149,8 +125,9 @@ def paper_linear_command(run: str, *, train: str | None = None, test: str | None
         workers=default_workers(workers, dev), seed=seed, progress=True, desc="linear",
     )
     out.update(protocol="linear_paper", base_lr=base_lr, num_classes=splits.num_classes,
-               checkpoint=str(ckpt), sources=_sources(splits), random_init=random_init, seed=seed)
-    return _finish(out, run_dir, f"linear_paper_{splits.tag}", random_init)
+               checkpoint=str(loaded.checkpoint), step=loaded.step, sources=_sources(splits),
+               random_init=random_init, seed=seed)
+    return write_result(loaded, f"linear_paper_{splits.tag}", out, random_init)
 
 
 def _pct(fraction: float) -> str:
@@ -160,13 +137,13 @@ def _pct(fraction: float) -> str:
 def _labelled(splits: EvalSplits, fraction: float, labels_file: str | None, seed: int,
               save_dir: Path) -> tuple[list[int], Path]:
     """The label subset (indices into the train split) and the file that lists it: ``labels_file``
-    when given, else a fresh class-balanced draw saved as labels_<pct>pct_seed<seed>.txt."""
+    when given, else a fresh class-balanced draw saved as labels_<pct>pct_seed<seed>_<tag>.txt."""
     train_ids = sample_ids(splits.train)
     if labels_file is not None:
         idx, path = load_subset(labels_file, train_ids), Path(labels_file)
     else:
         idx = label_subset(sample_labels(splits.train), fraction, seed)
-        path = save_dir / f"labels_{_pct(fraction)}pct_seed{seed}.txt"
+        path = save_dir / f"labels_{_pct(fraction)}pct_seed{seed}_{splits.tag}.txt"
         save_subset(path, [train_ids[i] for i in idx])
     # Drawn from the train split only, so disjoint by construction; this catches a --train and a
     # --test folder that share images.
@@ -191,8 +168,9 @@ def finetune_command(run: str, *, labels_fraction: float = 0.1, labels_file: str
     _check(what, *_common_rules(epochs, batch_size, seed, 2),
            (0 < labels_fraction <= 1, "--labels-fraction", "in (0, 1]", labels_fraction),
            (lr > 0, "--lr", "> 0", lr), (weight_decay >= 0, "--weight-decay", ">= 0", weight_decay))
-    cfg, encoder, ckpt, run_dir, splits, dev = _prepare(run, train, test, what, device, random_init, seed)
-    save_dir = run_dir / "eval" if run_dir is not None else ckpt.parent
+    loaded, encoder, splits, dev = _prepare(run, train, test, what, device, random_init, seed)
+    cfg = loaded.cfg
+    save_dir = loaded.run_dir / "eval" if loaded.run_dir is not None else loaded.checkpoint.parent
     idx, subset_file = _labelled(splits, labels_fraction, labels_file, seed, save_dir)
     if len(idx) < 2:
         raise DataError(f"{what}: fine-tuning needs >= 2 labelled images (BatchNorm), got {len(idx)}")
@@ -205,8 +183,8 @@ def finetune_command(run: str, *, labels_fraction: float = 0.1, labels_file: str
     )
     out.update(protocol="finetune", n_labelled=len(idx), labelled_fraction=fraction,
                labels_fraction=None if labels_file is not None else labels_fraction,
-               num_classes=splits.num_classes, weight_decay=weight_decay, checkpoint=str(ckpt),
+               num_classes=splits.num_classes, weight_decay=weight_decay, checkpoint=str(loaded.checkpoint), step=loaded.step,
                sources=_sources(splits), subset_file=str(subset_file), random_init=random_init,
                seed=seed)
     pct = _pct(labels_fraction if labels_file is None else round(fraction, 4))
-    return _finish(out, run_dir, f"finetune_{pct}pct_{splits.tag}", random_init)
+    return write_result(loaded, f"finetune_{pct}pct_{splits.tag}", out, random_init)

@@ -22,13 +22,11 @@ from byol.config import Config, config_to_dict
 from byol.data.errors import DataError
 from byol.data.folder import split_per_class
 from byol.data.loader import Transformed, default_workers, make_eval_transform
-from byol.eval.cache import Features, cached_features, file_digest
-from byol.eval.commands import load_run
+from byol.eval.cache import Features, cached_features
+from byol.eval.commands import LoadedRun, eval_encoder, load_run, write_result
 from byol.eval.data import EvalSplits, eval_splits, fingerprint, sample_labels
 from byol.eval.knn import accuracy
-from byol.models.build import build_encoder
 from byol.train.loop import resolve_device
-from byol.train.run import write_json
 
 # The sweep grid: SGD-Nesterov lrs for standardised features, L2 on the weights (not the bias).
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3)
@@ -176,15 +174,12 @@ def fit_linear(
     return probe, {"lr": lr, "weight_decay": wd, "sweep": sweep}
 
 
-def _encoder(cfg: Config, model: nn.Module, ckpt: Path, random_init: bool, seed: int):
-    """The frozen encoder f and what identifies its weights in the feature-cache key: the
-    checkpoint's bytes, or for the random-init floor the architecture and the init seed."""
+def _identity(run: LoadedRun, random_init: bool, seed: int) -> dict:
+    """What identifies the encoder's weights in the feature-cache key: the checkpoint's bytes,
+    or for the random-init floor the architecture and the init seed."""
     if not random_init:
-        return model.encoder, {"checkpoint_sha256": file_digest(ckpt)}
-    with torch.random.fork_rng(devices=[]):  # a fixed init that leaves the caller's RNG alone
-        torch.manual_seed(seed)
-        encoder = build_encoder(cfg)
-    return encoder, {"random_init": True, "seed": seed, "model": config_to_dict(cfg)["model"]}
+        return {"checkpoint_sha256": run.digest}
+    return {"random_init": True, "seed": seed, "model": config_to_dict(run.cfg)["model"]}
 
 
 def _check_command_args(val_fraction: float, seed: int, workers: int | None) -> None:
@@ -229,16 +224,17 @@ def fast_linear_command(run: str, *, train: str | None = None, test: str | None 
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     check_sweep(lrs, weight_decays, epochs, batch_size)
     _check_command_args(val_fraction, seed, workers)
-    cfg, model, ckpt, run_dir = load_run(run)
+    loaded = load_run(run)
+    cfg, ckpt, run_dir = loaded.cfg, loaded.checkpoint, loaded.run_dir
     dev = resolve_device(device, what="--device")
-    splits = eval_splits(cfg, train, test, what="eval linear")
+    splits = eval_splits(cfg, train, test, what="eval linear", n_train=loaded.n_train)
     fit_idx, val_idx = split_per_class(sample_labels(splits.train), val_fraction, seed)
     if not val_idx or not fit_idx:
         raise DataError(f"eval linear: {splits.train_source} is too small to hold out a "
                         f"validation part (--val-fraction {val_fraction}); need >= 2 images per class")
-    encoder, identity = _encoder(cfg, model, ckpt, random_init, seed)
+    encoder, identity = eval_encoder(loaded, random_init, seed, dev), _identity(loaded, random_init, seed)
     cache_dir = None if not cache else (run_dir / "eval" if run_dir else ckpt.parent) / "feature_cache"
-    feats = _frozen_features(encoder.to(dev), identity, cfg, splits, cache_dir=cache_dir, device=dev,
+    feats = _frozen_features(encoder, identity, cfg, splits, cache_dir=cache_dir, device=dev,
                              workers=default_workers(workers, dev))
     x, y = feats["train"].features, feats["train"].labels
     fit_idx, val_idx = torch.tensor(fit_idx), torch.tensor(val_idx)
@@ -250,14 +246,9 @@ def fast_linear_command(run: str, *, train: str | None = None, test: str | None 
     test_y = feats["test"].labels
     out = {"top1": accuracy(scores, test_y, 1), "top5": accuracy(scores, test_y, 5), **chosen,
            "epochs": epochs, "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed,
-           "random_init": random_init, "n_train": len(fit_idx), "n_val": len(val_idx),
+           "random_init": random_init, "n_train": len(fit_idx), "n_val": len(val_idx), "n_refit": len(fit_idx) + len(val_idx),
            "n_test": len(test_y), "num_classes": splits.num_classes, "feature_dim": x.shape[1],
-           "checkpoint": str(ckpt), "train": splits.train_source, "test": splits.test_source,
+           "checkpoint": str(ckpt), "step": loaded.step, "train": splits.train_source, "test": splits.test_source,
            "cache_hits": {name: f.hit for name, f in feats.items()},
            "seconds": time.perf_counter() - start}
-    if run_dir is not None:
-        suffix = "_random_init" if random_init else ""
-        path = run_dir / "eval" / f"linear_fast_{splits.tag}{suffix}.json"
-        write_json(path, out)
-        out["written_to"] = str(path)
-    return out
+    return write_result(loaded, f"linear_fast_{splits.tag}", out, random_init)

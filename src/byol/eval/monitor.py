@@ -33,32 +33,38 @@ def effective_rank(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collapse_stats(representation: torch.Tensor, projection: torch.Tensor) -> dict[str, torch.Tensor]:
-    """y [B, D], z [B, d] -> {"z_std", "z_rank", "y_rank"} as device tensors (no host sync)."""
-    return {
-        "z_std": normalized_std(projection),
-        "z_rank": effective_rank(projection),
-        "y_rank": effective_rank(representation),
-    }
+def collapse_stats(representation: torch.Tensor, projection: torch.Tensor,
+                   with_std: bool = True) -> dict[str, torch.Tensor]:
+    """y [B, D], z [B, d] -> {"z_std", "z_rank", "y_rank"} as device tensors (no host sync);
+    ``with_std=False`` leaves out z_std (the training step already computes it)."""
+    out = {"z_std": normalized_std(projection)} if with_std else {}
+    out.update(z_rank=effective_rank(projection), y_rank=effective_rank(representation))
+    return out
 
 
 class CollapseDetector:
-    """Flags collapse when the normalised projection std falls below ``threshold`` (healthy runs
-    stay near 0.3-1; a collapsed one goes to 0). The first step it happened is kept, so a resumed
+    """Flags collapse when the normalised projection std stays below ``threshold`` for
+    ``patience`` consecutive readings (healthy runs stay near 0.3-1; a collapsed one goes to 0;
+    one noisy batch is not a collapse). The first step it was confirmed is kept, so a resumed
     run still reports it."""
 
-    def __init__(self, threshold: float, collapsed_at: int | None = None) -> None:
+    def __init__(self, threshold: float, collapsed_at: int | None = None, patience: int = 2) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"eval.collapse_threshold must be in (0, 1), got {threshold!r}")
-        self.threshold = threshold
+        if patience < 1:
+            raise ValueError(f"collapse patience must be >= 1, got {patience!r}")
+        self.threshold, self.patience = threshold, patience
         self.collapsed_at = collapsed_at
+        self._below = 0
 
     def update(self, step: int, z_std: float) -> bool:
-        """True when this reading is below the threshold; records the first such step."""
-        below = z_std < self.threshold
-        if below and self.collapsed_at is None:
+        """True while collapsed: this reading and the ``patience - 1`` before it were below the
+        threshold. Records the first such step."""
+        self._below = self._below + 1 if z_std < self.threshold else 0
+        collapsed = self._below >= self.patience
+        if collapsed and self.collapsed_at is None:
             self.collapsed_at = step
-        return below
+        return collapsed
 
 
 class OnlineLinear(nn.Module):
@@ -76,27 +82,38 @@ class OnlineLinear(nn.Module):
             raise ValueError(f"OnlineLinear needs >= 2 classes, got {num_classes}")
         self.norm = nn.BatchNorm1d(feature_dim, affine=False)
         with torch.random.fork_rng(devices=[]):  # nn.Linear initialises from the global RNG
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only
             self.fc = nn.Linear(feature_dim, num_classes)
         self.optimizer = torch.optim.Adam(self.fc.parameters(), lr=lr)
+        self.register_buffer("correct", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(y.float()))
 
-    def train_step(self, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One Adam step on (y.detach(), labels); -> number of correct predictions (a device
-        tensor, read when the run logs). Rows with label -1 (unlabelled) are ignored."""
-        keep = labels >= 0
-        y, labels = y.detach()[keep], labels[keep]
-        if labels.numel() < 2:
-            return torch.zeros((), device=y.device)
+    def train_step(self, y: torch.Tensor, labels: torch.Tensor) -> None:
+        """One Adam step on (y.detach() [B, D], labels [B]); rows labelled -1 (unlabelled) are
+        ignored. Correct predictions accumulate on the device (no host sync per step) until
+        ``take_accuracy``; the counters are buffers, so a resume continues them exactly."""
         self.train()
-        logits = self(y)
-        loss = F.cross_entropy(logits, labels)
+        logits = self(y.detach())
+        labelled = labels >= 0
+        # mean over the labelled rows without a host sync; a batch with none gives a zero loss
+        loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / labelled.sum().clamp(min=1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return (logits.argmax(1) == labels).sum()
+        with torch.no_grad():
+            self.correct += ((logits.argmax(1) == labels) & labelled).sum()
+            self.seen += labelled.sum()
+
+    def take_accuracy(self) -> float | None:
+        """Running accuracy (percent) since the last call, then reset; None if nothing was seen."""
+        seen = int(self.seen)
+        out = 100.0 * float(self.correct) / seen if seen else None
+        self.correct.zero_()
+        self.seen.zero_()
+        return out
 
     def full_state_dict(self) -> dict:
         """Module and optimiser state (tensors and plain values: weights_only-loadable)."""
@@ -105,6 +122,11 @@ class OnlineLinear(nn.Module):
     def load_full_state_dict(self, sd: dict) -> None:
         self.load_state_dict(sd["module"])
         self.optimizer.load_state_dict(sd["optimizer"])
+
+    def set_lr(self, lr: float) -> None:
+        """The config's lr wins over a checkpoint's (eval.* may change on resume)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
 
 def monitor_eval(encoder: nn.Module, bank, test, *, num_classes: int, k: int, temperature: float,

@@ -166,6 +166,8 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     if resume is not None:
         run_dir = Path(resume)
         state.load_state_dict(load_checkpoint(find_checkpoint(run_dir)))
+        if state.probe is not None:
+            state.probe.set_lr(cfg.eval.online_linear_lr)
         _check_same_data(state, data, cfg)
         truncate_metrics(run_dir, state.step)
     else:
@@ -186,12 +188,14 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         result.knn_init = _knn(cfg, model, data, device, workers)
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
     monitors = Monitors(cfg, state, data, device, workers)
+    start_step = state.step
     _train(cfg, state, data, run_dir, device, precision, monitors, result, purge=resume is not None)
     skipped = list(getattr(data.source, "skipped", []))  # + files that failed to decode while loading
     if distributed.is_main() and len(skipped) > len(data.skipped):
         write_skipped(skipped, run_dir / "skipped_files.tsv")
         result.skipped = skipped
-    if result.finished and cfg.eval.final_knn and monitors.can_evaluate():
+    already_done = (run_dir / "eval" / "knn.json").is_file() and start_step == state.step
+    if result.finished and cfg.eval.final_knn and monitors.can_evaluate() and not already_done:
         final_eval(cfg, state, monitors, run_dir, result)
     _write_summary(cfg, state, run_dir, result, device, precision)
     return result
@@ -205,7 +209,8 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
     sched = Schedules(cfg, steps_per_epoch)
     stop_at = min(sched.total, cfg.train.max_steps or sched.total)
     sampler = ResumableSampler(len(data.views), seed=cfg.train.seed)
-    logger = MetricsLogger(run_dir, purge_step=state.step if purge else None)
+    # rows at the checkpoint's own step are kept (truncate_metrics keeps <= step): purge after it
+    logger = MetricsLogger(run_dir, purge_step=state.step + 1 if purge else None)
     bar = tqdm(total=sched.total, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress and distributed.is_main()))
     model = state.model.train()

@@ -35,8 +35,6 @@ class Monitors:
         self.cfg, self.state, self.data, self.device, self.workers = cfg, state, data, device, workers
         self.probe: OnlineLinear | None = state.probe
         self.detector = CollapseDetector(cfg.eval.collapse_threshold, state.extra.get("collapsed_at"))
-        self._correct = torch.zeros((), device=device)
-        self._seen = 0
         self._ranks: dict[str, torch.Tensor] = {}
 
     def wants_row(self, step: int) -> bool:
@@ -45,25 +43,22 @@ class Monitors:
 
     def after_step(self, step: int, outputs: dict, labels: torch.Tensor) -> None:
         if self.probe is not None:
-            self._seen += int((labels >= 0).sum())  # labels still on the host: no device sync
-            labels = labels.to(self.device, non_blocking=True)
-            self._correct += self.probe.train_step(outputs["representation"], labels)
+            self.probe.train_step(outputs["representation"], labels.to(self.device, non_blocking=True))
         if self.wants_row(step):
-            stats = collapse_stats(outputs["representation"], outputs["projection"])
+            stats = collapse_stats(outputs["representation"], outputs["projection"], with_std=False)
             self._ranks = {"z_rank": stats["z_rank"], "y_rank": stats["y_rank"]}
 
     def log_values(self, step: int, row: dict) -> dict:
         """Values to add to the log row at ``step`` (reads device tensors: the loop's one sync)."""
         out = {k: float(v) for k, v in self._ranks.items()}
         self._ranks = {}
-        if self.probe is not None and self._seen:
-            out["online_linear_top1"] = 100.0 * float(self._correct) / self._seen
-            self._correct.zero_()
-            self._seen = 0
+        accuracy = self.probe.take_accuracy() if self.probe is not None else None
+        if accuracy is not None:
+            out["online_linear_top1"] = accuracy
         first = self.detector.collapsed_at is None
         collapsed = self.detector.update(step, row["z_std"])
         out["collapsed"] = int(collapsed)
-        if collapsed and first:
+        if collapsed and first:  # once per run, on stderr (stdout may be a log of numbers)
             self.state.extra["collapsed_at"] = step
             tqdm.write(f"warning: step {step}: the projections have collapsed (z_std {row['z_std']:.3g} "
                        f"< eval.collapse_threshold {self.detector.threshold:g}); BYOL is not learning",
@@ -78,9 +73,10 @@ class Monitors:
         return self.data.bank is not None
 
     def due(self, epoch: int, last_epoch: int) -> bool:
-        """kNN every eval.knn_every epochs, except the last (the final evaluation covers it)."""
+        """kNN every eval.knn_every epochs, except the last when eval.final_knn covers it."""
         every = self.cfg.eval.knn_every
-        return self.can_evaluate() and every > 0 and epoch % every == 0 and epoch < last_epoch
+        last_covered = epoch == last_epoch and self.cfg.eval.final_knn
+        return self.can_evaluate() and every > 0 and epoch % every == 0 and not last_covered
 
     def evaluate(self, model) -> dict:
         e = self.cfg.eval
@@ -116,6 +112,6 @@ def final_eval(cfg, state, monitors, run_dir, result) -> None:
                                 "n_test": out["n_test"], "step": state.step,
                                 "note": "linear classifier trained online on detached representations"}
         write_json(run_dir / "eval" / "online_linear.json", result.online_linear)
-    logger = MetricsLogger(run_dir, tensorboard=False)
+    logger = MetricsLogger(run_dir)
     logger.log(state.step, {"epoch": state.epoch, **val_row(out)})
     logger.close()
