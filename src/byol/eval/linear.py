@@ -29,7 +29,7 @@ from byol.eval.knn import accuracy
 from byol.train.loop import resolve_device
 
 # The sweep grid: SGD-Nesterov lrs for standardised features, L2 on the weights (not the bias).
-DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3)
+DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)
 DEFAULT_EPOCHS = 100
 DEFAULT_BATCH_SIZE = 1024
