@@ -7,6 +7,9 @@
     byol export runs/NAME --out encoder.safetensors        # then byol.load_encoder(...)
     byol embed encoder.safetensors /imgs --out emb.npy
     byol report runs/NAME
+    torchrun --nproc-per-node 8 -m byol pretrain --config imagenet_resnet50_300ep data.path=/imgs
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 \
+        --rdzv-id r50 -m byol pretrain --config imagenet_resnet50_300ep data.path=/imgs
 
 A user mistake (missing file, bad config value, unreadable data) prints one line on stderr and
 exits with code 2; set BYOL_DEBUG=1 to see the traceback instead.
@@ -47,7 +50,14 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config: file not found: {name} (built-in configs: {', '.join(builtin_configs())})")
 
 
-def _print_run(result) -> None:
+def _print_run(result) -> bool:
+    """Print where the run's outputs went (rank 0 only); -> whether this is rank 0."""
+    from byol import distributed
+
+    main = distributed.is_main()
+    distributed.shutdown()  # under torchrun: every rank is done with the group
+    if not main:
+        return False
     run = result.run_dir
     print(f"run directory: {run}")
     print(f"  checkpoint:  {run / 'checkpoints' / 'last.pt'}")
@@ -66,6 +76,7 @@ def _print_run(result) -> None:
     if result.collapsed_at is not None:
         print(f"warning: the projections collapsed at step {result.collapsed_at} (see z_std in "
               f"{run / 'metrics.jsonl'}); try another tau, lr or batch size")
+    return True
 
 
 # What a resume may change: where and how it logs and evaluates, not what it trains.
@@ -123,7 +134,8 @@ def cmd_demo(args) -> int:
     print("byol demo: BYOL on the built-in 'shapes' data; kNN accuracy of the encoder on held-out "
           "images at random init and after training.", flush=True)
     result = pretrain(cfg, stem="demo")
-    _print_run(result)
+    if not _print_run(result):
+        return 130 if result.interrupted else 0
     if result.knn_init is not None and result.knn is not None:
         gain = result.knn["top1"] - result.knn_init["top1"]
         print(f"BYOL improved the kNN accuracy by {gain:+.2f} points.")

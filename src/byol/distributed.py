@@ -1,10 +1,19 @@
 """Process-group helpers. The only module that imports torch.distributed (STYLE.md rule 8).
 
 Every helper is a no-op at world size 1, so single-process code calls them unconditionally.
+`torchrun` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; ``init_from_env``
+joins that group (NCCL on CUDA, gloo on the CPU):
+
+    torchrun --nproc-per-node 8 -m byol pretrain --config imagenet_resnet50_300ep data.path=...
 """
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_initialized() -> bool:
@@ -19,6 +28,10 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def is_main() -> bool:
     """True on the process that writes logs and checkpoints (rank 0)."""
     return rank() == 0
@@ -27,3 +40,65 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def init_from_env(device_type: str) -> None:
+    """Join the process group torchrun described in the environment (no-op for one process or
+    when already joined). On CUDA each process takes the GPU of its LOCAL_RANK."""
+    if is_initialized() or not launched_by_torchrun():
+        return
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over the trainable (online) parameters; the target network has no
+    gradients, so DDP leaves it alone and every rank updates it with the same EMA. On CUDA,
+    batch norm becomes SyncBatchNorm (cross-replica statistics, as the paper's TPU pods); on the
+    CPU (gloo) it stays per-process. Returns ``model`` itself at world size 1."""
+    if world_size() == 1:
+        return model
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean over ranks of scalar tensors (one collective for all of them); identity at size 1."""
+    if world_size() == 1 or not values:
+        return values
+    keys = list(values)
+    stacked = torch.stack([values[k].float() for k in keys])
+    dist.all_reduce(stacked)
+    stacked /= world_size()
+    return dict(zip(keys, stacked.unbind()))
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the run directory named from rank 0's clock)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any (e.g. a SIGTERM that reached one process):
+    ranks must stop at the same step or the next collective waits forever."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -147,6 +147,12 @@ def _save(state: TrainState, run_dir: Path, *, keep_epoch: int | None = None) ->
 def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol") -> PretrainResult:
     """Train ``cfg`` from scratch, or continue the run directory ``resume``."""
     device = resolve_device(cfg.train.device)
+    distributed.init_from_env(device.type)  # torchrun: join the group, one process per device
+    if distributed.world_size() > 1 and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank())
+    if cfg.optim.batch_size % distributed.world_size():
+        raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be a multiple of the "
+                         f"{distributed.world_size()} processes (it is the global batch)")
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -171,11 +177,7 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         _check_same_data(state, data, cfg)
         truncate_metrics(run_dir, state.step)
     else:
-        run_dir = new_run_dir(cfg.train.out_dir, cfg.train.name, stem)
-        if (run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT_DIR).exists():
-            raise ValueError(f"train.name: run directory {run_dir} already holds a run; "
-                             f"continue it with --resume {run_dir} or choose another train.name")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = _new_run(cfg, stem)
     if distributed.is_main():
         save_config(cfg, run_dir / "config.yaml")
         if data.skipped:
@@ -184,9 +186,10 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     workers = default_workers(cfg.data.num_workers, device)
     if distributed.is_main():
         print(_summary(cfg, data, model, device, precision, workers, run_dir, state.step), flush=True)
-    if cfg.eval.initial_knn and data.bank is not None and state.step == 0:
+    if cfg.eval.initial_knn and data.bank is not None and state.step == 0 and distributed.is_main():
         result.knn_init = _knn(cfg, model, data, device, workers)
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
+    distributed.barrier()
     monitors = Monitors(cfg, state, data, device, workers)
     start_step = state.step
     _train(cfg, state, data, run_dir, device, precision, monitors, result, purge=resume is not None)
@@ -195,10 +198,28 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         write_skipped(skipped, run_dir / "skipped_files.tsv")
         result.skipped = skipped
     already_done = (run_dir / "eval" / "knn.json").is_file() and start_step == state.step
-    if result.finished and cfg.eval.final_knn and monitors.can_evaluate() and not already_done:
+    if (result.finished and cfg.eval.final_knn and monitors.can_evaluate() and not already_done
+            and distributed.is_main()):
         final_eval(cfg, state, monitors, run_dir, result)
     _write_summary(cfg, state, run_dir, result, device, precision)
+    distributed.barrier()
     return result
+
+
+def _new_run(cfg: Config, stem: str) -> Path:
+    """A fresh run directory, named on rank 0 (its clock) and shared with every rank."""
+    run_dir, error = None, None
+    if distributed.is_main():
+        run_dir = new_run_dir(cfg.train.out_dir, cfg.train.name, stem)
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT_DIR).exists():
+            error = (f"train.name: run directory {run_dir} already holds a run; "
+                     f"continue it with --resume {run_dir} or choose another train.name")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, error = distributed.broadcast_object((run_dir, error))
+    if error:
+        raise ValueError(error)
+    return run_dir
 
 
 def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge=False) -> None:
@@ -208,21 +229,24 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
     steps_per_epoch = len(data.views) // batch
     sched = Schedules(cfg, steps_per_epoch)
     stop_at = min(sched.total, cfg.train.max_steps or sched.total)
-    sampler = ResumableSampler(len(data.views), seed=cfg.train.seed)
+    world = distributed.world_size()
+    sampler = ResumableSampler(len(data.views), seed=cfg.train.seed, rank=distributed.rank(),
+                               world_size=world, batch_size=batch)
     # rows at the checkpoint's own step are kept (truncate_metrics keeps <= step): purge after it
     logger = MetricsLogger(run_dir, purge_step=state.step + 1 if purge else None)
     bar = tqdm(total=sched.total, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress and distributed.is_main()))
-    model = state.model.train()
+    model = distributed.wrap(state.model.train(), device)  # DDP when torchrun started us
     t_start, t_log, n_log = time.time(), time.time(), 0
+    stopping = False
     with StopFlag() as stop:
-        while state.step < stop_at and not stop.set:
+        while state.step < stop_at and not stopping:
             if state.step_in_epoch >= steps_per_epoch:  # never spin on an empty epoch
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch)
             # the loader draws its worker seeds from its own generator, never the global RNG
             gen = torch.Generator().manual_seed(cfg.train.seed + state.epoch)
-            dl = loader(data.views, batch, workers=monitors.workers, sampler=sampler, drop_last=True,
+            dl = loader(data.views, batch // world, workers=monitors.workers, sampler=sampler, drop_last=True,
                         pin_memory=device.type == "cuda", generator=gen)
             for v1, v2, labels in dl:
                 v1, v2 = (v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -238,6 +262,7 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
                 if (state.step % cfg.train.log_every == 0 or monitors.wants_row(state.step)
                         or state.step == stop_at):
                     now = time.time()
+                    stats = distributed.all_reduce_mean(stats)  # the mean over ranks, for the log
                     row = {k: float(v) for k, v in stats.items()}  # the only host sync
                     row.update(lr=lr, tau=tau, epoch=state.epoch, images_per_s=n_log / (now - t_log))
                     row.update(monitors.log_values(state.step, row))
@@ -249,7 +274,10 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
                     if monitors.due(state.epoch, cfg.optim.epochs):  # before the checkpoint: a
                         # kill in between reruns it on resume instead of losing its row
                         t_eval = time.time()
-                        logger.log(state.step, {"epoch": state.epoch, **val_row(monitors.evaluate(model))})
+                        if distributed.is_main():
+                            logger.log(state.step, {"epoch": state.epoch,
+                                                    **val_row(monitors.evaluate(state.model))})
+                        distributed.barrier()
                         t_start += time.time() - t_eval  # "elapsed" is training time only
                         t_log += time.time() - t_eval
                     keep = cfg.train.keep_every_epochs
@@ -260,7 +288,10 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
                     state.extra["elapsed"] += time.time() - t_start
                     t_start = time.time()
                     _save(state, run_dir)
-                if state.step >= stop_at or stop.set:
+                # one process: stop at the next step; under DDP the ranks agree on it at log steps
+                stopping = stop.set if world == 1 else (
+                    state.step % cfg.train.log_every == 0 and distributed.any_rank(stop.set))
+                if state.step >= stop_at or stopping:
                     break
     state.extra["elapsed"] += time.time() - t_start
     _save(state, run_dir)
@@ -268,7 +299,7 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
     logger.close()
     result.step = state.step
     result.finished = state.step >= sched.total
-    result.interrupted = stop.set
+    result.interrupted = stopping
     result.collapsed_at = monitors.collapsed_at
 
 

@@ -16,6 +16,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from byol import distributed
 from byol.config import Config
 from byol.eval.monitor import CollapseDetector, OnlineLinear, collapse_stats, monitor_eval
 from byol.train.run import MetricsLogger, write_json
@@ -58,7 +59,7 @@ class Monitors:
         first = self.detector.collapsed_at is None
         collapsed = self.detector.update(step, row["z_std"])
         out["collapsed"] = int(collapsed)
-        if collapsed and first:  # once per run, on stderr (stdout may be a log of numbers)
+        if collapsed and first and distributed.is_main():  # once per run, on stderr
             self.state.extra["collapsed_at"] = step
             tqdm.write(f"warning: step {step}: the projections have collapsed (z_std {row['z_std']:.3g} "
                        f"< eval.collapse_threshold {self.detector.threshold:g}); BYOL is not learning",

@@ -1,0 +1,154 @@
+"""DDP with the gloo backend on the CPU, 2 processes (DESIGN.md "Distribution").
+
+- one DDP step with global batch B == one single-process step with batch B (a model without
+  batch statistics, so the per-rank halves see exactly what one process sees);
+- a ResNet (batch norm) pretrains under 2 processes, only rank 0 writes, and a stop + resume
+  under 2 processes continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from byol import BYOL, LARS, param_groups
+from byol import distributed
+from byol.config import load_config
+from byol.data.loader import ResumableSampler
+from byol.train.state import find_checkpoint, load_checkpoint
+from byol.train.step import train_step
+
+from conftest import TINY
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+
+
+def _mlp_byol() -> BYOL:
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU())
+    return BYOL(encoder, 16, projector_hidden=32, projector_out=8, predictor_hidden=32, head_norm="none")
+
+
+def _views(batch: int):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, 4, 4, generator=g), torch.randn(batch, 3, 4, 4, generator=g)
+
+
+def _one_step(model, v1, v2):
+    opt = LARS(param_groups(model, weight_decay=1e-4), lr=0.0)
+    train_step(model, opt, v1, v2, lr=0.5, tau=0.9)
+
+
+def _ddp_step_worker(rank: int, port: int, out: str) -> None:
+    _env(rank, port)
+    distributed.init_from_env("cpu")
+    try:
+        model = _mlp_byol()
+        v1, v2 = _views(8)
+        half = slice(rank * 4, rank * 4 + 4)
+        _one_step(distributed.wrap(model, torch.device("cpu")), v1[half], v2[half])
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+    finally:
+        distributed.shutdown()
+
+
+def test_ddp_step_equals_single_process_step(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_step_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    ref = _mlp_byol()
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    _one_step(ref, *_views(8))
+    ddp = torch.load(out, weights_only=True)
+    moved = 0
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(ddp[k], v, atol=1e-5, rtol=0), k
+        moved += not torch.equal(v, start[k])
+    assert moved > 0  # the step did something (online and target parameters changed)
+
+
+def test_sampler_ranks_split_each_global_batch():
+    one = list(ResumableSampler(20, seed=3, batch_size=8))
+    ranks = [list(ResumableSampler(20, seed=3, rank=r, world_size=2, batch_size=8)) for r in range(2)]
+    # global batch g = rank 0's 4 then rank 1's 4, in the single-process order; the tail is dropped
+    merged = [x for g in range(2) for r in range(2) for x in ranks[r][g * 4:(g + 1) * 4]]
+    assert merged == one[:16]
+    s = ResumableSampler(20, seed=3, rank=1, world_size=2, batch_size=8)
+    s.set_epoch(0, start=8)  # resumed after one global step
+    assert list(s) == ranks[1][4:]
+    with pytest.raises(ValueError, match="multiple"):
+        ResumableSampler(20, seed=3, world_size=2, batch_size=7)
+
+
+def _cfg(tmp_path, name, *extra):
+    return load_config(None, [*TINY, "data.dataset=shapes", "data.shapes_size=64", "data.val_fraction=0.25",
+                              "train.checkpoint_every=100", f"train.out_dir={tmp_path}",
+                              f"train.name={name}", *extra])
+
+
+def _pretrain_worker(rank: int, port: int, runs: list) -> None:
+    from byol.train.loop import pretrain
+
+    _env(rank, port)
+    try:
+        for cfg, resume in runs:
+            pretrain(cfg, resume=resume)
+    finally:
+        distributed.shutdown()
+
+
+def test_two_processes_pretrain_a_resnet_rank0_writes_and_resume_is_exact(tmp_path):
+    # 48 training images, global batch 8 (4 per rank): 6 steps per epoch, 2 epochs
+    full = [(_cfg(tmp_path, "full"), None)]
+    mp.spawn(_pretrain_worker, args=(_free_port(), full), nprocs=WORLD, join=True)
+    split = [(_cfg(tmp_path, "split", "train.max_steps=5"), None)]
+    mp.spawn(_pretrain_worker, args=(_free_port(), split), nprocs=WORLD, join=True)
+    resume = [(_cfg(tmp_path, "split"), str(tmp_path / "split"))]
+    mp.spawn(_pretrain_worker, args=(_free_port(), resume), nprocs=WORLD, join=True)
+
+    a = load_checkpoint(find_checkpoint(tmp_path / "full"))
+    b = load_checkpoint(find_checkpoint(tmp_path / "split"))
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for run in ("full", "split"):  # rank 0 alone logs: each step once, one event file
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+        assert len(list((tmp_path / run / "tb").iterdir())) >= 1
+        assert sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir()) == ["last.pt"]
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["finished"]
+    assert (tmp_path / "full" / "eval" / "knn.json").is_file()
+
+
+def test_torchrun_command_line(tmp_path):
+    """The documented launch line: torchrun --nproc-per-node 2 -m byol pretrain ... (gloo, CPU)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "byol", "pretrain", "--config", "demo", *TINY,
+           "data.shapes_size=40", "data.val_fraction=0.2", "optim.epochs=1", "train.device=cpu",
+           f"train.out_dir={tmp_path}", "train.name=tr"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("run directory:") == 1  # rank 0 alone reports
+    rows = [json.loads(x) for x in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # 32 images / global batch 8
