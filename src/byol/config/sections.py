@@ -64,7 +64,7 @@ class Augment:
     """The two view distributions T, T' (PAPER.md §3). ``preset`` fills the fields not given."""
 
     preset: str = "byol"  # a key of presets.AUGMENT_SETS: byol (224 px) | byol32 (no blur)
-    backend: str = "reference"
+    backend: str = "reference"  # reference (all per image in the loader) | batched (photometric on the device)
     size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -83,7 +83,7 @@ class Augment:
 
     def __post_init__(self) -> None:
         _one_of("augment.preset", self.preset, tuple(AUGMENT_SETS))
-        _one_of("augment.backend", self.backend, ("reference",))
+        _one_of("augment.backend", self.backend, ("reference", "batched"))
         _check(self.size >= 8, "augment.size", ">= 8", self.size)
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, "augment.crop_scale", "0 < min <= max <= 1", self.crop_scale)

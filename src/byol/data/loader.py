@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision.transforms import v2
 
-from byol.augment.views import byol_view_specs, eval_transform, two_view_transform
+from byol.augment.views import (
+    TwoViews, ViewSpec, byol_view_specs, eval_transform, geometric_ops, two_view_transform,
+)
 from byol.config import Augment, Config, Data
 from byol.data.errors import DataError
 from byol.data.folder import ImageFolderDataset, split_per_class
@@ -145,7 +148,8 @@ def make_eval_transform(aug: Augment) -> Callable:
     return eval_transform(aug.size, crop_fraction=eval_crop_fraction(aug.size), mean=aug.mean, std=aug.std)
 
 
-def make_views(aug: Augment) -> Callable:
+def view_specs(aug: Augment) -> tuple[ViewSpec, ViewSpec]:
+    """The ViewSpecs of T and T' that ``aug`` describes."""
     t1, t2 = byol_view_specs(
         aug.size, crop_scale=aug.crop_scale, crop_ratio=aug.crop_ratio, flip_prob=aug.flip_prob,
         jitter_prob=aug.jitter_prob, brightness=aug.brightness, contrast=aug.contrast,
@@ -154,7 +158,34 @@ def make_views(aug: Augment) -> Callable:
     )
     t1 = dataclasses.replace(t1, blur_prob=aug.blur_prob[0], solarize_prob=aug.solarize_prob[0])
     t2 = dataclasses.replace(t2, blur_prob=aug.blur_prob[1], solarize_prob=aug.solarize_prob[1])
+    return t1, t2
+
+
+def make_views(aug: Augment) -> Callable:
+    """What the workers do to each image. ``reference``: all of T and T' (float views);
+    ``batched``: crop + flip only (uint8 views), the rest runs on the device per batch
+    (``byol.augment.batched.BatchedPhotometric``, applied by the training loop)."""
+    t1, t2 = view_specs(aug)
+    if aug.backend == "batched":
+        return TwoViews(v2.Compose(geometric_ops(t1)), v2.Compose(geometric_ops(t2)))
     return two_view_transform(t1, t2)
+
+
+class DeviceViews:
+    """The photometric half of T and T' on the training device (augment.backend=batched):
+    uint8 views [B, 3, S, S] x2 (cropped and flipped by the workers) -> float views, normalised,
+    every parameter drawn per sample. The draws come from a CPU generator seeded by (seed, step,
+    rank): the same on any device, and a resumed run draws what the uninterrupted one did."""
+
+    def __init__(self, aug: Augment, seed: int) -> None:
+        from byol.augment.batched import BatchedPhotometric
+
+        t1, t2 = view_specs(aug)
+        self.t1, self.t2, self.seed = BatchedPhotometric(t1), BatchedPhotometric(t2), seed
+
+    def __call__(self, v1: torch.Tensor, v2: torch.Tensor, step: int, rank: int = 0):
+        g = torch.Generator().manual_seed(sample_seed(self.seed, step, rank))
+        return self.t1(v1, g), self.t2(v2, g)
 
 
 def build_pretrain_data(cfg: Config) -> PretrainData:

@@ -17,7 +17,7 @@ from byol import distributed
 from byol.config import Config, config_to_dict, replace, save_config
 from byol.data.errors import DataError
 from byol.data.folder import write_skipped
-from byol.data.loader import ResumableSampler, build_pretrain_data, default_workers, loader
+from byol.data.loader import DeviceViews, ResumableSampler, build_pretrain_data, default_workers, loader
 from byol.eval.knn import evaluate_knn
 from byol.models.build import build_model
 from byol.optim import build_optimizer, cosine_tau, constant_tau, scaled_lr, warmup_cosine_lr
@@ -237,6 +237,7 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
     bar = tqdm(total=sched.total, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress and distributed.is_main()))
     model = distributed.wrap(state.model.train(), device)  # DDP when torchrun started us
+    device_views = DeviceViews(cfg.augment, cfg.train.seed) if cfg.augment.backend == "batched" else None
     t_start, t_log, n_log = time.time(), time.time(), 0
     stopping = False
     with StopFlag() as stop:
@@ -249,8 +250,10 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
             dl = loader(data.views, batch // world, workers=monitors.workers, sampler=sampler, drop_last=True,
                         pin_memory=device.type == "cuda", generator=gen)
             for v1, v2, labels in dl:
-                v1, v2 = (v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                          for v in (v1, v2))
+                v1, v2 = (v.to(device, non_blocking=True) for v in (v1, v2))
+                if device_views is not None:  # uint8 crops -> the rest of T and T', batched
+                    v1, v2 = device_views(v1, v2, state.step, distributed.rank())
+                v1, v2 = (v.contiguous(memory_format=memory_format) for v in (v1, v2))
                 lr, tau = sched.lr(state.step), sched.tau(state.step)
                 stats, outputs = train_step(model, state.optimizer, v1, v2, lr=lr, tau=tau,
                                             precision=precision, return_outputs=True)
