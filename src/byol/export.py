@@ -34,7 +34,7 @@ from byol.data.folder import ImageFolderDataset
 from byol.data.loader import default_workers, eval_crop_fraction
 from byol.eval.features import extract_features
 from byol.models.backbones import RESNET_SPECS, resnet
-from byol.train.loop import resolve_device
+from byol.train.runtime import resolve_device
 
 FORMAT = "byol-encoder"
 FORMAT_VERSION = 1

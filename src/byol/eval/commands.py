@@ -13,7 +13,7 @@ from byol.eval.cache import file_digest
 from byol.eval.data import eval_splits
 from byol.eval.knn import evaluate_knn
 from byol.models.build import build_encoder, build_model
-from byol.train.loop import resolve_device
+from byol.train.runtime import resolve_device
 from byol.train.run import write_json
 from byol.train.state import LAST, find_checkpoint, load_checkpoint
 

@@ -24,7 +24,7 @@ from byol.eval.commands import eval_encoder, load_run, write_result
 from byol.eval.data import EvalSplits, eval_splits, sample_ids, sample_labels
 from byol.eval.supervised import train_classifier, train_transform
 from byol.optim.schedules import scaled_lr
-from byol.train.loop import resolve_device
+from byol.train.runtime import resolve_device
 
 # Fine-tuning lr (absolute, not scaled by the batch): the low end of the paper's 0.005-0.1 sweep,
 # because with 1-10% of the labels a larger step wipes out pretrained features before the

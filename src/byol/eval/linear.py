@@ -26,7 +26,7 @@ from byol.eval.cache import Features, cached_features
 from byol.eval.commands import LoadedRun, eval_encoder, load_run, write_result
 from byol.eval.data import EvalSplits, eval_splits, fingerprint, sample_labels
 from byol.eval.knn import accuracy
-from byol.train.loop import resolve_device
+from byol.train.runtime import resolve_device
 
 # The sweep grid: SGD-Nesterov lrs for standardised features, L2 on the weights (not the bias).
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)

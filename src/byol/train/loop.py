@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from byol.optim import build_optimizer, cosine_tau, constant_tau, scaled_lr, war
 from byol.train.run import MetricsLogger, new_run_dir, truncate_metrics, write_json
 from byol.train.state import CHECKPOINT_DIR, LAST, TrainState, atomic_save, find_checkpoint, load_checkpoint
 from byol.train.monitors import Monitors, final_eval, make_probe, progress_postfix, val_row
+from byol.train.runtime import StopFlag, resolve_device, resolve_precision
 from byol.train.step import train_step
 
 
@@ -38,46 +38,6 @@ class PretrainResult:
     collapsed_at: int | None = None  # first step whose projections were flagged as collapsed
     skipped: list = field(default_factory=list)
     interrupted: bool = False  # stopped by SIGINT/SIGTERM
-
-
-def resolve_device(name: str, what: str = "train.device") -> torch.device:
-    """"auto" | "cpu" | "cuda" | "cuda:N" -> torch.device; ValueError naming ``what`` otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not (name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise ValueError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"{what}={name} but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    return ("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, no early stop
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.set:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 class Schedules:
