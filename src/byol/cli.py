@@ -23,7 +23,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from byol.cli_tools import add_eval_parsers, add_tool_parsers
+from byol.cli_eval import add_eval_parsers
+from byol.cli_tools import add_tool_parsers
 from byol.config import ConfigError, apply_overrides, config_from_dict, read_yaml
 
 EXAMPLES = {

@@ -20,7 +20,7 @@ from byol.data.loader import DeviceViews, ResumableSampler, build_pretrain_data,
 from byol.eval.knn import evaluate_knn
 from byol.models.build import build_model
 from byol.optim import build_optimizer, cosine_tau, constant_tau, scaled_lr, warmup_cosine_lr
-from byol.train.run import MetricsLogger, new_run_dir, truncate_metrics, write_json
+from byol.train.run import MetricsLogger, open_new_run, start_summary, truncate_metrics, write_json, write_summary
 from byol.train.state import CHECKPOINT_DIR, LAST, TrainState, atomic_save, find_checkpoint, load_checkpoint
 from byol.train.monitors import Monitors, final_eval, make_probe, progress_postfix, val_row
 from byol.train.runtime import StopFlag, resolve_device, resolve_precision
@@ -73,28 +73,6 @@ def _check_same_data(state: TrainState, data, cfg: Config) -> None:
                         f"now gives {len(data.views)}; resume needs the same data")
 
 
-def _summary(cfg, data, model, device, precision, workers, run_dir, step) -> str:
-    n_train = len(data.views)
-    held = f", {len(data.test)} held out for kNN, {data.num_classes} classes" if data.test else ""
-    if getattr(data.source, "labels", None) is None:
-        held = " (unlabelled: no kNN evaluation)"
-    steps = n_train // cfg.optim.batch_size
-    params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
-    m = cfg.model
-    start = f"resuming at step {step}" if step else "starting"
-    return (
-        f"{start}: {run_dir}\n"
-        f"  data:   {n_train} training images{held}\n"
-        f"  model:  {m.backbone} x{m.width:g}{' (CIFAR stem)' if m.cifar_stem else ''}, "
-        f"{params:.2f}M encoder parameters\n"
-        f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}, {steps} steps/epoch x "
-        f"{cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps, peak lr "
-        f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base}"
-        f"{' (constant)' if cfg.method.tau_schedule == 'constant' else ' -> 1'}\n"
-        f"  device: {device} ({precision}), {workers} loader workers"
-    )
-
-
 def _save(state: TrainState, run_dir: Path, *, keep_epoch: int | None = None) -> None:
     if not distributed.is_main():
         return
@@ -137,7 +115,7 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         _check_same_data(state, data, cfg)
         truncate_metrics(run_dir, state.step)
     else:
-        run_dir = _new_run(cfg, stem)
+        run_dir = open_new_run(cfg, stem)
     if distributed.is_main():
         save_config(cfg, run_dir / "config.yaml")
         if data.skipped:
@@ -145,7 +123,7 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     result = PretrainResult(run_dir, state.step, finished=False, skipped=data.skipped)
     workers = default_workers(cfg.data.num_workers, device)
     if distributed.is_main():
-        print(_summary(cfg, data, model, device, precision, workers, run_dir, state.step), flush=True)
+        print(start_summary(cfg, data, model, device, precision, workers, run_dir, state.step), flush=True)
     if cfg.eval.initial_knn and data.bank is not None and state.step == 0 and distributed.is_main():
         result.knn_init = _knn(cfg, model, data, device, workers)
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
@@ -161,25 +139,9 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     if (result.finished and cfg.eval.final_knn and monitors.can_evaluate() and not already_done
             and distributed.is_main()):
         final_eval(cfg, state, monitors, run_dir, result)
-    _write_summary(cfg, state, run_dir, result, device, precision)
+    write_summary(cfg, state, run_dir, result, device, precision)
     distributed.barrier()
     return result
-
-
-def _new_run(cfg: Config, stem: str) -> Path:
-    """A fresh run directory, named on rank 0 (its clock) and shared with every rank."""
-    run_dir, error = None, None
-    if distributed.is_main():
-        run_dir = new_run_dir(cfg.train.out_dir, cfg.train.name, stem)
-        if (run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT_DIR).exists():
-            error = (f"train.name: run directory {run_dir} already holds a run; "
-                     f"continue it with --resume {run_dir} or choose another train.name")
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir, error = distributed.broadcast_object((run_dir, error))
-    if error:
-        raise ValueError(error)
-    return run_dir
 
 
 def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge=False) -> None:
@@ -264,18 +226,3 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
     result.finished = state.step >= sched.total
     result.interrupted = stopping
     result.collapsed_at = monitors.collapsed_at
-
-
-def _write_summary(cfg, state, run_dir, result, device, precision) -> None:
-    """summary.json: where the run stands (read by `byol report`). elapsed_s is the training wall
-    time over all sessions: data, steps and checkpoints, not the evaluations."""
-    elapsed = state.extra.get("elapsed", 0.0)
-    total = (state.extra["n_train"] // cfg.optim.batch_size) * cfg.optim.epochs
-    write_json(run_dir / "summary.json", {
-        "step": state.step, "total_steps": total, "finished": result.finished,
-        "elapsed_s": elapsed, "images_per_s": state.step * cfg.optim.batch_size / elapsed if elapsed else None,
-        "collapsed": result.collapsed_at is not None, "collapsed_at_step": result.collapsed_at,
-        "device": str(device), "precision": precision,
-        "knn_top1": result.knn["top1"] if result.knn else None,
-        "online_linear_top1": result.online_linear["top1"] if result.online_linear else None,
-    })

@@ -6,6 +6,9 @@
     runs/<name>/checkpoints/     last.pt (+ epoch_NNNN.pt)
     runs/<name>/eval/            knn.json, knn_init.json, ...
     runs/<name>/skipped_files.tsv  unreadable images that were skipped (when any)
+    runs/<name>/summary.json     steps done / total, training time, images/s, collapse
+
+Also the run's start lines (``start_summary``) and its directory, named on rank 0 under DDP.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import time
 from pathlib import Path
 
 from byol import distributed
+from byol.optim.schedules import scaled_lr
+from byol.train.state import CHECKPOINT_DIR
 
 
 def new_run_dir(out_dir: str, name: str | None, stem: str) -> Path:
@@ -85,3 +90,57 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def open_new_run(cfg, stem: str) -> Path:
+    """A fresh run directory, named on rank 0 (its clock) and shared with every rank."""
+    run_dir, error = None, None
+    if distributed.is_main():
+        run_dir = new_run_dir(cfg.train.out_dir, cfg.train.name, stem)
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT_DIR).exists():
+            error = (f"train.name: run directory {run_dir} already holds a run; "
+                     f"continue it with --resume {run_dir} or choose another train.name")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, error = distributed.broadcast_object((run_dir, error))
+    if error:
+        raise ValueError(error)
+    return run_dir
+
+
+def start_summary(cfg, data, model, device, precision, workers, run_dir, step) -> str:
+    """The lines a run prints when it starts: data, model, optimisation, device."""
+    n_train = len(data.views)
+    held = f", {len(data.test)} held out for kNN, {data.num_classes} classes" if data.test else ""
+    if getattr(data.source, "labels", None) is None:
+        held = " (unlabelled: no kNN evaluation)"
+    steps = n_train // cfg.optim.batch_size
+    params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+    m = cfg.model
+    start = f"resuming at step {step}" if step else "starting"
+    return (
+        f"{start}: {run_dir}\n"
+        f"  data:   {n_train} training images{held}\n"
+        f"  model:  {m.backbone} x{m.width:g}{' (CIFAR stem)' if m.cifar_stem else ''}, "
+        f"{params:.2f}M encoder parameters\n"
+        f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}, {steps} steps/epoch x "
+        f"{cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps, peak lr "
+        f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base}"
+        f"{' (constant)' if cfg.method.tau_schedule == 'constant' else ' -> 1'}\n"
+        f"  device: {device} ({precision}), {workers} loader workers"
+    )
+
+
+def write_summary(cfg, state, run_dir, result, device, precision) -> None:
+    """summary.json: where the run stands (read by `byol report`). elapsed_s is the training wall
+    time over all sessions: data, steps and checkpoints, not the evaluations."""
+    elapsed = state.extra.get("elapsed", 0.0)
+    total = (state.extra["n_train"] // cfg.optim.batch_size) * cfg.optim.epochs
+    write_json(run_dir / "summary.json", {
+        "step": state.step, "total_steps": total, "finished": result.finished,
+        "elapsed_s": elapsed, "images_per_s": state.step * cfg.optim.batch_size / elapsed if elapsed else None,
+        "collapsed": result.collapsed_at is not None, "collapsed_at_step": result.collapsed_at,
+        "device": str(device), "precision": precision,
+        "knn_top1": result.knn["top1"] if result.knn else None,
+        "online_linear_top1": result.online_linear["top1"] if result.online_linear else None,
+    })
