@@ -2,7 +2,6 @@
 invalidation, and `fast_linear_command` end to end on a tiny pretraining run."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -15,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from byol.config import apply_overrides, config_from_dict
 from byol.data.errors import DataError
-from byol.eval.cache import cached_features, file_digest
+from byol.eval.cache import cached_features
 from byol.eval.knn import accuracy
 from byol.eval.linear import fast_linear_command, fit_linear
 from byol.train.loop import pretrain
@@ -74,12 +73,6 @@ def test_fit_linear_bad_arguments(kw, needle):
     n_val = kw.pop("n_val", 20)
     with pytest.raises(ValueError, match=needle):
         fit_linear(x, y, x[:n_val], y[:n_val], **{"num_classes": 2, "epochs": 1, **kw})
-
-
-def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
-    f = tmp_path / "blob"
-    f.write_bytes(bytes(range(256)) * 1000)
-    assert file_digest(f, chunk_size=1000) == file_digest(f) == hashlib.sha256(f.read_bytes()).hexdigest()
 
 
 def test_cached_features_hit_miss_and_corrupt_file(tmp_path):

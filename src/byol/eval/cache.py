@@ -3,9 +3,9 @@
 Extracting features is the slow part of a linear probe; the classifier sweep on top takes
 seconds. Features are a pure function of (encoder weights, images, transform), so they are
 stored under ``<cache_dir>/<key>.safetensors`` with ``key = sha256(canonical json of key_parts)``.
-Callers put into ``key_parts`` everything that changes the features: ``file_digest`` of the
-checkpoint (or the seed of a random init), ``byol.eval.data.fingerprint`` of the images and the
-transform's repr. Change any of them and the key, hence the file, changes: stale features are
+Callers put into ``key_parts`` everything that changes the features: the checkpoint's sha256
+(``LoadedRun.digest``; the seed for a random init), ``byol.eval.data.fingerprint`` of the images
+and the transform's repr. Change any of them and the key, hence the file, changes: stale features are
 never read, they are only left behind (delete the folder to reclaim the space).
 """
 from __future__ import annotations
@@ -34,15 +34,6 @@ class Features(NamedTuple):
     features: torch.Tensor
     labels: torch.Tensor
     hit: bool
-
-
-def file_digest(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file's bytes, read in chunks (checkpoints can be large)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(key_parts: dict) -> str:

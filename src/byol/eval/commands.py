@@ -1,6 +1,7 @@
 """Evaluation commands on a run directory or checkpoint (the `byol eval ...` CLI)."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -9,7 +10,6 @@ import torch
 from byol.config import Config, config_from_dict
 from byol.data.errors import DataError
 from byol.data.loader import Transformed, default_workers, make_eval_transform
-from byol.eval.cache import file_digest
 from byol.eval.data import eval_splits
 from byol.eval.knn import evaluate_knn
 from byol.models.build import build_encoder, build_model
@@ -39,12 +39,12 @@ class LoadedRun(NamedTuple):
 def load_run(run_or_checkpoint: str | Path) -> LoadedRun:
     """A run directory (its checkpoints/last.pt) or a checkpoint file -> LoadedRun."""
     ckpt = find_checkpoint(run_or_checkpoint)
-    # hash the file before and after loading it: a run still training may replace last.pt in
-    # between, and features of the old weights must never be cached under the new file's hash
-    digest = file_digest(ckpt)
-    sd = load_checkpoint(ckpt)
-    if file_digest(ckpt) != digest:
-        raise DataError(f"{ckpt} was replaced while it was being read (a run is writing it); try again")
+    # one read: the hash is of exactly the bytes loaded, even if a run still training replaces
+    # last.pt meanwhile (features of old weights must never be cached under a new file's hash)
+    raw = ckpt.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    sd = load_checkpoint(ckpt, raw)
+    del raw
     if "config" not in sd.get("extra", {}):
         raise DataError(f"{ckpt} is not a byol pretraining checkpoint")
     cfg = config_from_dict(sd["extra"]["config"])

@@ -6,6 +6,7 @@ plain Python values and are loaded with ``weights_only=True``: loading never run
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -101,11 +102,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file with weights_only=True; DataError (one line) if unreadable."""
+def load_checkpoint(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
+    """Load a checkpoint file with weights_only=True; DataError (one line) if unreadable.
+    ``data``: the file's bytes, already read by the caller (parsed instead of reading again)."""
     path = Path(path)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu",
+                        weights_only=True)
     except FileNotFoundError:
         raise DataError(f"checkpoint not found: {path}") from None
     except Exception:  # corrupt, truncated, or not a weights-only file: never retry unsafely
