@@ -14,8 +14,10 @@ excluded for every implementation). The encoder is the same module for all four,
 stem, no max-pool, D=512); heads are 512 -> 4096 -> 256 (projector) and 256 -> 4096 -> 256
 (predictor). Everything else is each implementation at its own defaults:
 
-- ours: byol.models.byol.BYOL + byol.optim.build_optimizer("lars") + byol.train.step.train_step,
-  channels_last model and views and fp32, as ``byol pretrain`` runs on the CPU.
+- ours: byol.models.byol.BYOL + byol.optim.build_optimizer("lars") + byol.train.step.train_step
+  with the ``train`` section's defaults, as ``byol pretrain`` runs on the CPU: channels_last,
+  precision auto (bf16 autocast on CPUs with native bf16, else fp32), glibc allocator tuning.
+- ours_fp32: the same with train.precision=fp32 (what the bf16 default adds, in the same run).
 - lightly 1.6: the structure of its examples/pytorch/byol.py (BYOLProjectionHead,
   BYOLPredictionHead, deactivate_requires_grad, update_momentum, NegativeCosineSimilarity,
   cosine_schedule), SGD lr 0.06 as the example.
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMPLS = ("ours", "lightly", "byol_pytorch", "minimal")
+IMPLS = ("ours", "ours_fp32", "lightly", "byol_pytorch", "minimal")
 SIZE, HIDDEN, OUT, FEATURES = 32, 4096, 256, 512
 TOTAL_STEPS = 1000  # length of the (pretend) run the lr/tau schedules are evaluated on
 INSTALL = "install it in a separate venv: pip install lightly==1.6.0 byol-pytorch==0.9.1"
@@ -54,14 +56,21 @@ def encoder() -> nn.Module:
     return resnet("resnet18", cifar_stem=True)
 
 
-def build_ours(batch: int, channels_last: bool = True):
-    """Our step as ``byol pretrain`` runs it: LARS (default optim section), channels_last, fp32."""
-    from byol.config.sections import Method, Optim
+def build_ours(batch: int, channels_last: bool = True, precision: str | None = None,
+               malloc_tuning: bool | None = None):
+    """Our step as ``byol pretrain`` runs it on the CPU: LARS (default optim section) and the
+    train section's defaults (channels_last, precision, allocator), unless overridden."""
+    from byol.config.sections import Method, Optim, Train
     from byol.models.byol import BYOL
     from byol.optim import build_optimizer, cosine_tau, scaled_lr, warmup_cosine_lr
+    from byol.train.runtime import resolve_precision, tune_cpu_allocator
     from byol.train.step import train_step
 
-    oc, mc = Optim(), Method()
+    oc, mc, tc = Optim(), Method(), Train()
+    precision = resolve_precision(precision or tc.precision, torch.device("cpu"))
+    if tc.malloc_tuning if malloc_tuning is None else malloc_tuning:
+        tune_cpu_allocator()
+    BUILT["precision"] = precision
     model = BYOL(encoder(), FEATURES, projector_hidden=HIDDEN, projector_out=OUT, predictor_hidden=HIDDEN)
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # train.channels_last
     model = model.to(memory_format=fmt).train()
@@ -73,7 +82,7 @@ def build_ours(batch: int, channels_last: bool = True):
         v1, v2 = (v.contiguous(memory_format=fmt) for v in (v1, v2))
         lr = warmup_cosine_lr(i, TOTAL_STEPS, TOTAL_STEPS // 10, peak)
         train_step(model, opt, v1, v2, lr=lr, tau=cosine_tau(i, TOTAL_STEPS, mc.tau_base),
-                   return_outputs=True)
+                   precision=precision, return_outputs=True)
     return step
 
 
@@ -177,8 +186,8 @@ def build_minimal(batch: int):
     return step
 
 
-BUILDERS = {"ours": build_ours, "lightly": build_lightly, "byol_pytorch": build_byol_pytorch,
-            "minimal": build_minimal}
+BUILT: dict = {}  # what build_ours resolved, for the JSON record
+BUILDERS = {"lightly": build_lightly, "byol_pytorch": build_byol_pytorch, "minimal": build_minimal}
 MODULES = {"lightly": "lightly", "byol_pytorch": "byol_pytorch"}
 
 
@@ -193,7 +202,7 @@ def machine() -> str:
 
 
 def run_one(impl: str, batch: int, steps: int, warmup: int, threads: int, seed: int,
-            channels_last: bool = True) -> dict:
+            channels_last: bool = True, malloc_tuning: bool = True) -> dict:
     """Build ``impl``, run warmup + timed steps on fixed random views, return the JSON record."""
     if impl in MODULES:
         import importlib.util
@@ -201,7 +210,10 @@ def run_one(impl: str, batch: int, steps: int, warmup: int, threads: int, seed: 
             raise SystemExit(f"step.py: --impl {impl}: package {MODULES[impl]!r} is not installed ({INSTALL})")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    step = build_ours(batch, channels_last) if impl == "ours" else BUILDERS[impl](batch)
+    if impl.startswith("ours"):
+        step = build_ours(batch, channels_last, "fp32" if impl == "ours_fp32" else None, malloc_tuning)
+    else:
+        step = BUILDERS[impl](batch)
     v1, v2 = torch.rand(batch, 3, SIZE, SIZE), torch.rand(batch, 3, SIZE, SIZE)
     for i in range(warmup):
         step(v1, v2, i)
@@ -215,7 +227,9 @@ def run_one(impl: str, batch: int, steps: int, warmup: int, threads: int, seed: 
             "images_per_s": round(batch * steps / sum(times), 2),
             "step_ms_median": round(1000 * statistics.median(times), 1),
             "step_ms_min": round(1000 * min(times), 1), "peak_rss_mb": round(rss_kb / 1024, 1),
-            "channels_last": channels_last if impl == "ours" else False, "torch": torch.__version__,
+            "channels_last": channels_last if impl.startswith("ours") else False,
+            "precision": BUILT.get("precision", "fp32"),
+            "malloc_tuning": malloc_tuning if impl.startswith("ours") else False, "torch": torch.__version__,
             "machine": machine(), "load1_at_end": os.getloadavg()[0]}
 
 
@@ -229,6 +243,7 @@ def compare(args) -> None:
                        "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--threads", str(args.threads), "--seed", str(args.seed)]
                 cmd += ["--no-channels-last"] if args.no_channels_last else []
+                cmd += ["--no-malloc-tuning"] if args.no_malloc_tuning else []
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"step.py: {impl} batch {batch} failed: {proc.stderr.strip()[-500:]}")
@@ -238,7 +253,7 @@ def compare(args) -> None:
     ratios = {}
     for batch in args.batches:
         ours = results.get(("ours", batch), [])
-        for other in (i for i in args.impls if i != "ours" and ours):
+        for other in (i for i in args.impls if i != "ours" and ours and (i, batch) in results):
             theirs = results[(other, batch)]
             ratios[f"ours/{other}@{batch}"] = {  # throughput ratios: > 1 means ours is faster
                 "min_step": round(min(x["step_ms_min"] for x in theirs) / min(x["step_ms_min"] for x in ours), 3),
@@ -265,6 +280,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-channels-last", action="store_true",
                         help="ours in NCHW (train.channels_last=false), as the others run")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="ours without the glibc allocator tuning (train.malloc_tuning=false)")
     args = parser.parse_args()
     for name in ("batch", "steps", "threads", "rounds"):
         if getattr(args, name) <= 0:
@@ -275,7 +292,8 @@ def main() -> None:
         compare(args)
     elif args.impl:
         print(json.dumps(run_one(args.impl, args.batch, args.steps, args.warmup, args.threads, args.seed,
-                                 channels_last=not args.no_channels_last)))
+                                 channels_last=not args.no_channels_last,
+                                 malloc_tuning=not args.no_malloc_tuning)))
     else:
         parser.error("give --impl NAME (one run) or --compare")
 

@@ -358,3 +358,26 @@ def test_eval_transform_reference_values():
 def test_eval_transform_validation(kwargs):
     with pytest.raises(ValueError):
         eval_transform(**kwargs)
+
+
+def test_crop_flip_draws_and_returns_what_the_v2_pipeline_does():
+    """CropFlip (the loader's crop + flip) == v2.Compose(geometric_ops(spec)): same pixels from the
+    same seed, and the RNG left in the same state, for images of several shapes."""
+    from byol.augment.views import CropFlip, geometric_ops
+
+    for size, shape in ((32, (3, 32, 32)), (16, (3, 40, 24)), (24, (3, 17, 50))):
+        spec = ViewSpec(size=size)
+        fast, ref = CropFlip(spec), v2.Compose(geometric_ops(spec))
+        img = torch.randint(0, 256, shape, dtype=torch.uint8)
+        flips = 0
+        for seed in range(40):
+            torch.manual_seed(seed)
+            a, after_a = fast(img), torch.rand(1)
+            torch.manual_seed(seed)
+            b, after_b = ref(img), torch.rand(1)
+            assert a.dtype == torch.uint8 and a.shape == (3, size, size)
+            assert torch.equal(a, b) and torch.equal(after_a, after_b)
+            torch.manual_seed(seed)
+            no_flip = CropFlip(ViewSpec(size=size, flip_prob=0.0))(img)
+            flips += not torch.equal(a, no_flip)
+        assert 5 < flips < 35  # p = 0.5: both branches were taken

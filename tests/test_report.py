@@ -176,7 +176,8 @@ def test_real_run_stopped_by_max_steps(tmp_path):
     """A real tiny pretraining stopped by train.max_steps (finished=false) on labelled shapes."""
     cfg = load_config(None, [*TINY, "data.dataset=shapes", "data.shapes_size=48",
                              "data.shapes_image_size=16", "data.val_fraction=0.25",
-                             "train.max_steps=3", f"train.out_dir={tmp_path}", "train.name=r"])
+                             "train.max_steps=3", f"train.out_dir={tmp_path}", "train.name=r",
+                             "train.precision=fp32"])
     result = pretrain(cfg)
     assert not result.finished
     out = make_report(result.run_dir)

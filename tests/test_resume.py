@@ -120,8 +120,19 @@ def test_batched_augmentation_backend_trains_and_resumes_exactly(tmp_path):
     a, _ = _params(full.run_dir)
     b, _ = _params(done.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ref = pretrain(_cfg(tmp_path, "ref"))  # the reference backend draws other views: other weights
+    ref = pretrain(_cfg(tmp_path, "ref", "augment.backend=reference"))  # the reference backend draws other views: other weights
     c, _ = _params(ref.run_dir)
     assert not torch.equal(a["encoder.conv1.weight"], c["encoder.conv1.weight"])
     rows = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_persistent_loader_workers_give_the_views_of_the_in_process_loader(tmp_path):
+    """Two loader processes kept alive across both epochs draw exactly the views that loading in
+    the main process does (views are seeded per sample, the epoch travels with each key)."""
+    inline = pretrain(_cfg(tmp_path, "w0", "data.num_workers=0"))
+    workers = pretrain(_cfg(tmp_path, "w2", "data.num_workers=2"))
+    assert inline.finished and workers.finished and workers.step == 12  # two epochs, one loader
+    a, _ = _params(inline.run_dir)
+    b, _ = _params(workers.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -62,40 +62,26 @@ def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
     return _blend(x, rgb_to_grayscale(x), factor)
 
 
-def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """RGB in [0, 1] -> (h, s, v), each ``[B, 1, H, W]``, hue in [0, 1) (Pillow's / torchvision's formulas)."""
-    r, g, b = x.unbind(dim=-3)
-    minc, maxc = torch.aminmax(x, dim=-3)
-    spread = maxc - minc
-    grey = spread == 0  # hue and saturation are 0 there; a divisor of 1 avoids 0 / 0
-    s = spread / torch.where(grey, 1.0, maxc)
-    d = torch.where(grey, 1.0, spread)
-    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
-    h = (h * (1.0 / 6.0) + 1.0).fmod(1.0)
-    return h.unsqueeze(-3), s.unsqueeze(-3), maxc.unsqueeze(-3)
-
-
-def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    """(h, s, v) ``[B, 1, H, W]`` -> RGB ``[B, 3, H, W]``.
-
-    The closed form c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
-    for R, G, B: elementwise on all three channels at once, 7x faster on the CPU than
-    torchvision's per-sector table lookup, equal to it within 2e-6.
-    """
-    # arange builds n on the device (no host-to-device copy): 5, 3, 1.
-    n = torch.arange(5, 0, -2, dtype=h.dtype, device=h.device).view(1, 3, 1, 1)
-    k = (h * 6 + n).remainder(6)
-    return v - v * s * torch.minimum(k, 4 - k).clamp(0.0, 1.0)
-
-
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     """Hue jitter: rotate the hue by ``shift`` turns (in [-0.5, 0.5]) in HSV space.
 
-    ``[B, 3, H, W]``, ``shift [B]`` -> ``[B, 3, H, W]``. Computed in float32 at least.
+    ``[B, 3, H, W]``, ``shift [B]`` -> ``[B, 3, H, W]``, computed in float32 at least. Pillow's /
+    torchvision's RGB -> HSV -> RGB round trip in closed form: with h6 = 6 h the hexcone hue,
+    each channel is v - (max - min) clamp(min(k, 4 - k), 0, 1), k = (n + h6 + 6 shift) mod 6,
+    n = 5, 3, 1 for R, G, B (v s = max - min, so s is never formed). Equal to torchvision's
+    per-sector table within 2e-6 (tests) and 4x faster than the HSV round trip on the CPU.
     """
-    h, s, v = _rgb_to_hsv(x.float())
-    h = (h + _per_sample(shift).float()).remainder(1.0)
-    return _hsv_to_rgb(h, s, v).to(x.dtype)
+    dtype, x = x.dtype, x.float()
+    r, g, b = x.unbind(dim=-3)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    spread = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = 1.0 / torch.where(spread == 0, 1.0, spread)  # grey pixels: spread 0, any hue
+    h6 = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h6 = (h6 + shift.float().view(-1, 1, 1) * 6.0).unsqueeze(-3)
+    # arange builds n on the device (no host-to-device copy): 5, 3, 1.
+    k = (h6 + torch.arange(5, 0, -2, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).remainder(6.0)
+    out = maxc.unsqueeze(-3) - spread.unsqueeze(-3) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    return out.to(dtype)
 
 
 def masked_apply(x: Tensor, mask: Tensor, fn, param: Tensor, *, compact: bool) -> Tensor:
@@ -238,13 +224,14 @@ class BatchedPhotometric:
         there is hue or jitter is off). Hue goes through ``masked_apply``.
         """
         factors = torch.stack((p.brightness, p.contrast, p.saturation, torch.ones_like(p.hue)), dim=1)
+        factors = torch.where(p.jitter.unsqueeze(1), factors, 1.0)
         for pos in range(4):
             op = p.order[:, pos]
-            factor = torch.where(p.jitter, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0)
             luma = rgb_to_grayscale(x)
-            ref = torch.where(_per_sample(op == SATURATION), luma, 0.0)
-            ref = torch.where(_per_sample(op == CONTRAST), luma.mean(dim=(-3, -2, -1), keepdim=True), ref)
-            x = _blend(x, ref, factor)
+            ref = (luma * _per_sample(op == SATURATION)
+                   + luma.mean(dim=(-3, -2, -1), keepdim=True) * _per_sample(op == CONTRAST))
+            # lerp(ref, x, f) = f x + (1 - f) ref, in one pass, and exactly x at f = 1
+            x = torch.lerp(ref, x, _per_sample(factors.gather(1, op.unsqueeze(1)))).clamp_(0.0, 1.0)
             if self.spec.hue > 0:  # ColorJitter skips hue=0 (an HSV round trip is not exact)
                 x = masked_apply(x, p.jitter & (op == HUE), adjust_hue, p.hue, compact=compact)
         return x

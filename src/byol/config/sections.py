@@ -41,7 +41,7 @@ class Data:
     val_fraction: float = 0.1  # held out per class (labelled data) for the kNN evaluation
     bad_files: str = "skip"  # skip (count and list them) | fail (stop, naming the file)
     verify: str = "quick"  # quick (header/trailer check) | full (decode every file up front)
-    num_workers: int | None = None  # None: min(4, CPU cores)
+    num_workers: int | None = None  # None: 0 on <= 2 cores, min(4, cores / 2) on the CPU, min(8, cores) on CUDA
     shapes_size: int = 4000  # images of the built-in "shapes" dataset
     shapes_image_size: int = 32
     shapes_colour: bool = False  # random colours and backgrounds too (harder; not the demo's)
@@ -64,7 +64,7 @@ class Augment:
     """The two view distributions T, T' (PAPER.md §3). ``preset`` fills the fields not given."""
 
     preset: str = "byol"  # a key of presets.AUGMENT_SETS: byol (224 px) | byol32 (no blur)
-    backend: str = "reference"  # reference (all per image in the loader) | batched (photometric on the device)
+    backend: str = "batched"  # batched (photometric ops on the device) | reference (all per image in the loader)
     size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -181,8 +181,10 @@ class Train:
     keep_every_epochs: int = 0  # also keep checkpoints/epoch_NNNN.pt every N epochs (0: never)
     max_steps: int | None = None  # stop (and checkpoint) at this global step; schedules unchanged
     threads: int | None = None  # torch CPU threads; None: torch's default
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with native bf16) | fp32 | bf16
     channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPU and GPU)
+    compile: bool = False  # torch.compile the model's forward (minutes of compiling first)
+    malloc_tuning: bool = True  # on the CPU (glibc): keep freed memory in the heap, no mmap churn
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torchvision.transforms import v2
 
 from byol.augment.views import (
-    TwoViews, ViewSpec, byol_view_specs, eval_transform, geometric_ops, two_view_transform,
+    CropFlip, TwoViews, ViewSpec, byol_view_specs, eval_transform, two_view_transform,
 )
 from byol.config import Augment, Config, Data
 from byol.data.errors import DataError
@@ -167,7 +166,7 @@ def make_views(aug: Augment) -> Callable:
     (``byol.augment.batched.BatchedPhotometric``, applied by the training loop)."""
     t1, t2 = view_specs(aug)
     if aug.backend == "batched":
-        return TwoViews(v2.Compose(geometric_ops(t1)), v2.Compose(geometric_ops(t2)))
+        return TwoViews(CropFlip(t1), CropFlip(t2))
     return two_view_transform(t1, t2)
 
 
@@ -226,8 +225,10 @@ def default_workers(requested: int | None, device: torch.device | None = None) -
 
 
 def loader(ds: Dataset, batch_size: int, *, workers: int, sampler=None, drop_last=False,
-           pin_memory=False, generator: torch.Generator | None = None) -> DataLoader:
+           pin_memory=False, generator: torch.Generator | None = None, persistent=False) -> DataLoader:
+    """A DataLoader; ``persistent`` keeps its worker processes alive between iterations."""
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=workers, pin_memory=pin_memory, persistent_workers=False, generator=generator,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
+        generator=generator,
     )

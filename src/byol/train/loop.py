@@ -23,7 +23,7 @@ from byol.optim import build_optimizer, cosine_tau, constant_tau, scaled_lr, war
 from byol.train.run import MetricsLogger, open_new_run, start_summary, truncate_metrics, write_json, write_summary
 from byol.train.state import CHECKPOINT_DIR, LAST, TrainState, atomic_save, find_checkpoint, load_checkpoint
 from byol.train.monitors import Monitors, final_eval, make_probe, progress_postfix, val_row
-from byol.train.runtime import StopFlag, resolve_device, resolve_precision
+from byol.train.runtime import StopFlag, resolve_device, resolve_precision, tune_cpu_allocator
 from byol.train.step import train_step
 
 
@@ -92,6 +92,8 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be a multiple of the "
                          f"{distributed.world_size()} processes (it is the global batch)")
     precision = resolve_precision(cfg.train.precision, device)
+    if device.type == "cpu" and cfg.train.malloc_tuning:
+        tune_cpu_allocator()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.data.path and resume is None:  # the run must find its data from any directory later
@@ -158,19 +160,23 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, purge
     logger = MetricsLogger(run_dir, purge_step=state.step + 1 if purge else None)
     bar = tqdm(total=sched.total, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress and distributed.is_main()))
+    if cfg.train.compile:
+        state.model.compile()  # in place: forward compiled, parameter names unchanged
     model = distributed.wrap(state.model.train(), device)  # DDP when torchrun started us
     device_views = DeviceViews(cfg.augment, cfg.train.seed) if cfg.augment.backend == "batched" else None
     t_start, t_log, n_log = time.time(), time.time(), 0
     stopping = False
+    # One loader for the whole run (its workers persist across epochs): the sampler carries the
+    # epoch in every key and the views are seeded per sample, so worker seeds never matter. The
+    # loader takes its worker seeds from its own generator, never the global RNG.
+    dl = loader(data.views, batch // world, workers=monitors.workers, sampler=sampler, drop_last=True,
+                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.train.seed),
+                persistent=True)
     with StopFlag() as stop:
         while state.step < stop_at and not stopping:
             if state.step_in_epoch >= steps_per_epoch:  # never spin on an empty epoch
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch)
-            # the loader draws its worker seeds from its own generator, never the global RNG
-            gen = torch.Generator().manual_seed(cfg.train.seed + state.epoch)
-            dl = loader(data.views, batch // world, workers=monitors.workers, sampler=sampler, drop_last=True,
-                        pin_memory=device.type == "cuda", generator=gen)
             for v1, v2, labels in dl:
                 v1, v2 = (v.to(device, non_blocking=True) for v in (v1, v2))
                 if device_views is not None:  # uint8 crops -> the rest of T and T', batched
