@@ -28,8 +28,9 @@ import torch
 
 
 def _config(args, extra: list[str]):
+    from byol.cli import resolve_config_path
     from byol.config import load_config
-    return load_config(args.config, [*args.overrides, *extra])
+    return load_config(resolve_config_path(args.config), [*args.overrides, *extra])
 
 
 def model_only(args) -> dict:

@@ -71,7 +71,7 @@ def test_save_and_reload_round_trip(tmp_path):
     assert replace(cfg, optim={"epochs": 9}).optim.epochs == 9
 
 
-@pytest.mark.parametrize("name", ["demo", "cifar10_resnet18", "imagenet_resnet50_300ep"])
+@pytest.mark.parametrize("name", ["demo", "cifar10_resnet18", "cifar10_cpu_10min", "imagenet_resnet50_300ep"])
 def test_shipped_configs_load(name):
     load_config(CONFIGS / f"{name}.yaml")
 
