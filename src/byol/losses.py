@@ -1,4 +1,4 @@
-"""BYOL's regression loss (PAPER.md §1)."""
+"""BYOL's regression loss (PAPER.md §1) and the generalized InfoNCE of PAPER.md §7."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +26,41 @@ def symmetric_regression_loss(
     Scalar in [0, 8].
     """
     return regression_loss(p1, z2).mean() + regression_loss(p2, z1).mean()
+
+
+def _direction_infonce(v: torch.Tensor, v_target: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """One direction of the generalized objective, as a loss: 2 - objective (PAPER.md §7).
+
+    objective = 2/B sum_i S(v_i, v'_i)
+                - beta 2 alpha/B sum_i log(sum_{j != i} exp(S(v_i, v_j)/alpha) + sum_j exp(S(v_i, v'_j)/alpha))
+    with S the cosine. v = phi(u1) [B, D] (prediction, or projection without predictor),
+    v' = psi(u2) [B, D] (target projection). At beta = 0 this is mean(2 - 2 cos(v, v')) exactly.
+    """
+    v = F.normalize(v.float(), dim=-1)
+    t = F.normalize(v_target.float(), dim=-1)
+    loss = 2.0 - 2.0 * (v * t).sum(dim=-1).mean()
+    if beta == 0:
+        return loss
+    same = v @ v.T / alpha  # S(v_i, v_j) / alpha, the diagonal (j = i) left out below
+    same = same.masked_fill(torch.eye(len(v), dtype=torch.bool, device=v.device), float("-inf"))
+    cross = v @ t.T / alpha  # S(v_i, v'_j) / alpha, positives on the diagonal
+    log_den = torch.logsumexp(torch.cat((same, cross), dim=1), dim=1)
+    return loss + beta * 2.0 * alpha * log_den.mean()
+
+
+def symmetric_infonce_loss(
+    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, *, alpha: float, beta: float
+) -> torch.Tensor:
+    """The generalized InfoNCE of PAPER.md §7, both directions summed like the BYOL loss:
+    l(p1, z2') + l(p2, z1') with l = 2 - objective.
+
+    beta = 0 gives ``symmetric_regression_loss`` exactly (BYOL with predictor and target). With
+    beta = 1, no predictor and the online projections as targets it is 4 + 4 alpha NT-Xent, where
+    NT-Xent is SimCLR's loss at temperature alpha averaged over all 2B anchors (tested), i.e. the
+    same gradients up to the factor 4 alpha. Computed in float32.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"method.beta must be in [0, 1], got {beta}")
+    if alpha <= 0:
+        raise ValueError(f"method.alpha must be > 0, got {alpha}")
+    return _direction_infonce(p1, z2, alpha, beta) + _direction_infonce(p2, z1, alpha, beta)

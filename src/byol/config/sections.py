@@ -132,14 +132,18 @@ class Method:
     name: str = "byol"
     predictor: bool = True
     target: str = "ema"  # ema | online_stopgrad (SimSiam) | online
-    loss: str = "regression"
+    loss: str = "regression"  # regression (2 - 2cos) | infonce (PAPER.md §7, alpha and beta)
+    alpha: float = 0.1  # infonce temperature
+    beta: float = 0.0  # infonce weight of the negatives: 0 (BYOL's objective) .. 1 (SimCLR's)
     tau_base: float = 0.996
     tau_schedule: str = "cosine"  # cosine (PAPER.md §1) | constant
 
     def __post_init__(self) -> None:
         _one_of("method.name", self.name, ("byol",))
         _one_of("method.target", self.target, ("ema", "online_stopgrad", "online"))
-        _one_of("method.loss", self.loss, ("regression",))
+        _one_of("method.loss", self.loss, ("regression", "infonce"))
+        _check(self.alpha > 0, "method.alpha", "> 0", self.alpha)
+        _prob("method.beta", self.beta)
         _prob("method.tau_base", self.tau_base)
         _one_of("method.tau_schedule", self.tau_schedule, ("cosine", "constant"))
 

@@ -25,6 +25,9 @@ def build_model(cfg: Config) -> BYOL:
         head_norm=m.head_norm,
         predictor=method.predictor,
         target=method.target,
+        loss=method.loss,
+        alpha=method.alpha,
+        beta=method.beta,
         target_init=m.target_init,
         concat_views=m.concat_views,
     )

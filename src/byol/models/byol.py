@@ -13,11 +13,12 @@ import copy
 import torch
 from torch import nn
 
-from byol.losses import symmetric_regression_loss
+from byol.losses import symmetric_infonce_loss, symmetric_regression_loss
 from byol.models.heads import MLPHead
 
 TARGET_MODES = ("ema", "online_stopgrad", "online")
 TARGET_INITS = ("independent", "copy")
+LOSSES = ("regression", "infonce")
 
 
 def reinitialize(module: nn.Module) -> None:
@@ -48,6 +49,9 @@ class BYOL(nn.Module):
         target_init: "independent" (fresh weights, as the official code) or "copy" of online.
         concat_views: run both views as one batch (mixes their BN statistics; off by default,
             PAPER.md §1).
+        loss: "regression" (2 - 2cos, BYOL) or "infonce", the generalized objective of PAPER.md
+            §7 with temperature ``alpha`` and negative weight ``beta`` (negatives from the batch,
+            both views; beta = 0 is the regression loss).
     """
 
     def __init__(
@@ -63,8 +67,14 @@ class BYOL(nn.Module):
         target: str = "ema",
         target_init: str = "independent",
         concat_views: bool = False,
+        loss: str = "regression",
+        alpha: float = 0.1,
+        beta: float = 0.0,
     ) -> None:
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"method.loss must be one of {LOSSES}, got {loss!r}")
+        self.loss_name, self.alpha, self.beta = loss, alpha, beta
         if target not in TARGET_MODES:
             raise ValueError(f"method.target must be one of {TARGET_MODES}, got {target!r}")
         if target_init not in TARGET_INITS:
@@ -146,7 +156,10 @@ class BYOL(nn.Module):
         """
         (y1, _), (z1, z2), (p1, p2) = self._online([v1, v2])
         t1, t2 = self._target([v1, v2], [z1, z2])
-        loss = symmetric_regression_loss(p1, p2, t1, t2)
+        if self.loss_name == "infonce":
+            loss = symmetric_infonce_loss(p1, p2, t1, t2, alpha=self.alpha, beta=self.beta)
+        else:
+            loss = symmetric_regression_loss(p1, p2, t1, t2)
         stats = {"loss": loss.detach(), "z_std": normalized_std(z1.detach())}
         if return_outputs:
             return loss, stats, {"representation": y1.detach(), "projection": z1.detach()}

@@ -91,6 +91,9 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     if cfg.optim.batch_size % distributed.world_size():
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be a multiple of the "
                          f"{distributed.world_size()} processes (it is the global batch)")
+    if cfg.method.loss == "infonce" and cfg.method.beta > 0 and distributed.world_size() > 1:
+        raise ValueError("method.beta > 0 under torchrun is not supported yet (the negatives would "
+                         "come from each rank's own batch only); run it as one process")
     precision = resolve_precision(cfg.train.precision, device)
     if device.type == "cpu" and cfg.train.malloc_tuning:
         tune_cpu_allocator()
