@@ -65,3 +65,22 @@ AUGMENT_SETS: dict[str, dict[str, Any]] = {
     # 32 px (CIFAR): blur left out, a 3-pixel kernel does little (PAPER.md §3).
     "byol32": {**_BYOL, "size": 32, "blur_prob": (0.0, 0.0)},
 }
+
+# Method presets (DESIGN.md "Method variants"): method.name fills the fields of these sections
+# that the config does not set. BYOL is the defaults. SimSiam (Chen & He 2020): no momentum
+# encoder, stop-gradient on the online projection, its own heads (2048-d projection, predictor
+# bottleneck 512) and optimiser (SGD, lr 0.05 x batch/256, wd 1e-4, momentum 0.9). SimCLR
+# (PAPER.md §7): no predictor, no target, the generalized InfoNCE with beta = 1 (NT-Xent), LARS.
+METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "byol": {},
+    "simsiam": {
+        "method": {"predictor": True, "target": "online_stopgrad", "loss": "regression"},
+        "model": {"projector_hidden": 2048, "projector_out": 2048, "predictor_hidden": 512},
+        "optim": {"name": "sgd", "base_lr": 0.05, "weight_decay": 1e-4, "momentum": 0.9},
+    },
+    "simclr": {
+        "method": {"predictor": False, "target": "online", "loss": "infonce", "alpha": 0.1, "beta": 1.0},
+        "model": {"projector_hidden": 2048, "projector_out": 128},
+        "optim": {"name": "lars", "base_lr": 0.3, "weight_decay": 1e-6},
+    },
+}

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from byol.config.sections import SECTIONS, Augment, Config, ConfigError
-from byol.presets import AUGMENT_SETS
+from byol.presets import AUGMENT_SETS, METHOD_PRESETS
 
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
@@ -95,6 +95,11 @@ def config_from_dict(raw: dict) -> Config:
     if preset not in AUGMENT_SETS:
         raise ConfigError(f"config: augment.preset must be one of {', '.join(AUGMENT_SETS)}, got {preset!r}")
     sections["augment"] = {**AUGMENT_SETS[preset], **aug}
+    name = sections.get("method", {}).get("name", "byol")
+    if name not in METHOD_PRESETS:
+        raise ConfigError(f"config: method.name must be one of {', '.join(METHOD_PRESETS)}, got {name!r}")
+    for section, values in METHOD_PRESETS[name].items():  # the preset fills what is not set
+        sections[section] = {**values, **sections.get(section, {})}
     return Config(**{name: _build_section(name, body) for name, body in sections.items()})
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from byol.presets import AUGMENT_SETS
+from byol.presets import AUGMENT_SETS, METHOD_PRESETS
 
 
 class ConfigError(ValueError):
@@ -129,7 +129,7 @@ class Model:
 class Method:
     """Which member of the BYOL family (DESIGN.md "Method variants"). BYOL: the defaults."""
 
-    name: str = "byol"
+    name: str = "byol"  # a preset (presets.METHOD_PRESETS): byol | simsiam | simclr
     predictor: bool = True
     target: str = "ema"  # ema | online_stopgrad (SimSiam) | online
     loss: str = "regression"  # regression (2 - 2cos) | infonce (PAPER.md §7, alpha and beta)
@@ -139,7 +139,7 @@ class Method:
     tau_schedule: str = "cosine"  # cosine (PAPER.md §1) | constant
 
     def __post_init__(self) -> None:
-        _one_of("method.name", self.name, ("byol",))
+        _one_of("method.name", self.name, tuple(METHOD_PRESETS))
         _one_of("method.target", self.target, ("ema", "online_stopgrad", "online"))
         _one_of("method.loss", self.loss, ("regression", "infonce"))
         _check(self.alpha > 0, "method.alpha", "> 0", self.alpha)

@@ -1,0 +1,72 @@
+"""Method presets (method.name): byol, simsiam, simclr as configurations of one module."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from byol.config import load_config
+from byol.config.sections import ConfigError
+from byol.losses import symmetric_regression_loss
+from byol.models.byol import BYOL
+from byol.train.loop import pretrain
+from byol.train.state import find_checkpoint, load_checkpoint
+
+from conftest import TINY
+
+
+def test_presets_fill_what_the_config_does_not_set():
+    byol = load_config(None, [])
+    assert (byol.method.predictor, byol.method.target, byol.method.loss) == (True, "ema", "regression")
+    sim = load_config(None, ["method.name=simsiam"])
+    assert (sim.method.predictor, sim.method.target, sim.method.loss) == (True, "online_stopgrad", "regression")
+    assert (sim.model.projector_out, sim.model.predictor_hidden) == (2048, 512)
+    assert (sim.optim.name, sim.optim.base_lr, sim.optim.weight_decay) == ("sgd", 0.05, 1e-4)
+    clr = load_config(None, ["method.name=simclr"])
+    assert (clr.method.predictor, clr.method.target, clr.method.loss, clr.method.beta) == (
+        False, "online", "infonce", 1.0)
+    mine = load_config(None, ["method.name=simsiam", "optim.base_lr=0.1", "model.predictor_hidden=64"])
+    assert (mine.optim.base_lr, mine.model.predictor_hidden, mine.optim.name) == (0.1, 64, "sgd")
+    with pytest.raises(ConfigError, match="method.name must be one of byol, simsiam, simclr, got 'moco2'"):
+        load_config(None, ["method.name=moco2"])
+
+
+def _tiny_model(target):
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
+    return BYOL(enc, 8, projector_hidden=16, projector_out=8, predictor_hidden=16, target=target)
+
+
+def test_simsiam_stops_the_gradient_on_the_projection_branch_only():
+    v1, v2 = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    model = _tiny_model("online_stopgrad")
+    loss, _ = model(v1, v2)
+    grads = torch.autograd.grad(loss, list(model.encoder.parameters()))
+    # by hand: z' = the online projection, detached; p = q(z) keeps its graph
+    z1, z2 = model.projector(model.encoder(v1)), model.projector(model.encoder(v2))
+    manual = symmetric_regression_loss(model.predictor(z1), model.predictor(z2), z1.detach(), z2.detach())
+    expected = torch.autograd.grad(manual, list(model.encoder.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, expected))
+    # without the stop-gradient the same weights give other gradients (both branches)
+    free = _tiny_model("online")
+    free_loss, _ = free(v1, v2)
+    other = torch.autograd.grad(free_loss, list(free.encoder.parameters()))
+    assert torch.allclose(loss, free_loss)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, other))
+    assert not model.target_parameters()  # no momentum encoder
+
+
+@pytest.mark.parametrize("name", ["simsiam", "simclr"])
+def test_preset_trains_checkpoints_and_resumes_exactly(tmp_path, name):
+    def cfg(run, *extra):
+        return load_config(None, [*TINY, f"method.name={name}", "data.dataset=shapes", "data.shapes_size=48",
+                                  "data.val_fraction=0", f"train.out_dir={tmp_path}", f"train.name={run}",
+                                  *extra])
+    full = pretrain(cfg("full"))
+    part = pretrain(cfg("split", "train.max_steps=5"))
+    done = pretrain(cfg("split"), resume=part.run_dir)
+    assert full.finished and done.finished
+    a = load_checkpoint(find_checkpoint(full.run_dir))
+    b = load_checkpoint(find_checkpoint(done.run_dir))
+    assert yaml.safe_load((full.run_dir / "config.yaml").read_text())["method"]["name"] == name
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
