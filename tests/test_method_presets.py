@@ -70,3 +70,18 @@ def test_preset_trains_checkpoints_and_resumes_exactly(tmp_path, name):
     b = load_checkpoint(find_checkpoint(done.run_dir))
     assert yaml.safe_load((full.run_dir / "config.yaml").read_text())["method"]["name"] == name
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_projector_and_predictor_norms_are_set_independently():
+    from byol.models.build import build_model
+
+    def norms(*extra):
+        m = build_model(load_config(None, [*TINY, *extra]))
+        return type(m.projector.net[1]).__name__, type(m.predictor.net[1]).__name__
+
+    assert norms() == ("BatchNorm1d", "BatchNorm1d")
+    assert norms("model.head_norm=ln") == ("LayerNorm", "LayerNorm")
+    assert norms("model.predictor_norm=none") == ("BatchNorm1d", "Identity")
+    assert norms("model.head_norm=none", "model.predictor_norm=bn") == ("Identity", "BatchNorm1d")
+    with pytest.raises(ConfigError, match="model.predictor_norm"):
+        load_config(None, ["model.predictor_norm=group"])

@@ -110,7 +110,8 @@ class Model:
     projector_hidden: int = 4096
     projector_out: int = 256
     predictor_hidden: int = 4096
-    head_norm: str = "bn"
+    head_norm: str = "bn"  # hidden-layer norm of the projector (and of the predictor unless set)
+    predictor_norm: str | None = None  # the predictor's own: bn | ln | none; null: head_norm
     target_init: str = "independent"
     concat_views: bool = False
 
@@ -122,6 +123,8 @@ class Model:
         for key in ("projector_hidden", "projector_out", "predictor_hidden"):
             _check(getattr(self, key) > 0, f"model.{key}", "> 0", getattr(self, key))
         _one_of("model.head_norm", self.head_norm, ("bn", "ln", "none"))
+        if self.predictor_norm is not None:
+            _one_of("model.predictor_norm", self.predictor_norm, ("bn", "ln", "none"))
         _one_of("model.target_init", self.target_init, ("independent", "copy"))
 
 

@@ -23,6 +23,7 @@ def build_model(cfg: Config) -> BYOL:
         projector_out=m.projector_out,
         predictor_hidden=m.predictor_hidden,
         head_norm=m.head_norm,
+        predictor_norm=m.predictor_norm,
         predictor=method.predictor,
         target=method.target,
         loss=method.loss,

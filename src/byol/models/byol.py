@@ -42,7 +42,8 @@ class BYOL(nn.Module):
         backbone: the online encoder f; ``feature_dim`` is D, the size of its output y.
         projector_hidden/projector_out: g is D -> hidden -> out (4096 -> 256 in the paper).
         predictor_hidden: q is out -> hidden -> out.
-        head_norm: normalisation in the hidden layer of the projector and predictor ("bn").
+        head_norm: normalisation in the hidden layer of the projector ("bn", "ln", "none"), and
+            of the predictor unless ``predictor_norm`` is given (PAPER.md §8).
         predictor: False drops q (an ablation of PAPER.md §7).
         target: "ema" (BYOL), "online_stopgrad" (SimSiam: z' is the online projection,
             detached) or "online" (no stop-gradient).
@@ -63,6 +64,7 @@ class BYOL(nn.Module):
         projector_out: int = 256,
         predictor_hidden: int = 4096,
         head_norm: str = "bn",
+        predictor_norm: str | None = None,
         predictor: bool = True,
         target: str = "ema",
         target_init: str = "independent",
@@ -82,7 +84,7 @@ class BYOL(nn.Module):
         self.encoder = backbone
         self.projector = MLPHead(feature_dim, projector_hidden, projector_out, head_norm)
         self.predictor = (
-            MLPHead(projector_out, predictor_hidden, projector_out, head_norm)
+            MLPHead(projector_out, predictor_hidden, projector_out, predictor_norm or head_norm)
             if predictor
             else nn.Identity()
         )
