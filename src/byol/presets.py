@@ -84,3 +84,19 @@ METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "optim": {"name": "lars", "base_lr": 0.3, "weight_decay": 1e-6},
     },
 }
+
+# Augmentation ablations (PAPER.md §7, "Augmentations"): ``augment.ablation`` switches steps of T
+# and T' off on top of the preset and any keys set (crop and flip always stay). "colour" is the
+# colour jitter plus grayscale, as in the paper's table.
+_NO_JITTER = {"jitter_prob": 0.0}
+_NO_GRAY = {"grayscale_prob": 0.0}
+_NO_BLUR = {"blur_prob": (0.0, 0.0)}
+_NO_SOLARIZE = {"solarize_prob": (0.0, 0.0)}
+AUGMENT_ABLATIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no_colour": {**_NO_JITTER, **_NO_GRAY},
+    "no_grayscale": _NO_GRAY,
+    "crop_only": {**_NO_JITTER, **_NO_GRAY, **_NO_BLUR, **_NO_SOLARIZE},
+    "crop_blur": {**_NO_JITTER, **_NO_GRAY, **_NO_SOLARIZE},
+    "crop_colour": {**_NO_BLUR, **_NO_SOLARIZE},
+}

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from byol.config.sections import SECTIONS, Augment, Config, ConfigError
-from byol.presets import AUGMENT_SETS, METHOD_PRESETS
+from byol.presets import AUGMENT_ABLATIONS, AUGMENT_SETS, METHOD_PRESETS
 
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
@@ -94,7 +94,11 @@ def config_from_dict(raw: dict) -> Config:
     preset = aug.get("preset", Augment.preset)
     if preset not in AUGMENT_SETS:
         raise ConfigError(f"config: augment.preset must be one of {', '.join(AUGMENT_SETS)}, got {preset!r}")
-    sections["augment"] = {**AUGMENT_SETS[preset], **aug}
+    ablation = aug.get("ablation", Augment.ablation)
+    if ablation not in AUGMENT_ABLATIONS:
+        raise ConfigError(f"config: augment.ablation must be one of {', '.join(AUGMENT_ABLATIONS)}, "
+                          f"got {ablation!r}")
+    sections["augment"] = {**AUGMENT_SETS[preset], **aug, **AUGMENT_ABLATIONS[ablation]}
     name = sections.get("method", {}).get("name", "byol")
     if name not in METHOD_PRESETS:
         raise ConfigError(f"config: method.name must be one of {', '.join(METHOD_PRESETS)}, got {name!r}")

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from byol.presets import AUGMENT_SETS, METHOD_PRESETS
+from byol.presets import AUGMENT_ABLATIONS, AUGMENT_SETS, METHOD_PRESETS
 
 
 class ConfigError(ValueError):
@@ -64,6 +64,7 @@ class Augment:
     """The two view distributions T, T' (PAPER.md §3). ``preset`` fills the fields not given."""
 
     preset: str = "byol"  # a key of presets.AUGMENT_SETS: byol (224 px) | byol32 (no blur)
+    ablation: str = "full"  # full | no_colour | no_grayscale | crop_only | crop_blur | crop_colour
     backend: str = "batched"  # batched (photometric ops on the device) | reference (all per image in the loader)
     size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -84,6 +85,7 @@ class Augment:
     def __post_init__(self) -> None:
         _one_of("augment.preset", self.preset, tuple(AUGMENT_SETS))
         _one_of("augment.backend", self.backend, ("reference", "batched"))
+        _one_of("augment.ablation", self.ablation, tuple(AUGMENT_ABLATIONS))
         _check(self.size >= 8, "augment.size", ">= 8", self.size)
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, "augment.crop_scale", "0 < min <= max <= 1", self.crop_scale)
@@ -92,7 +94,7 @@ class Augment:
         from byol.augment.views import ViewSpec
 
         shared = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("preset", "backend", "blur_prob", "solarize_prob")}
+                  if k not in ("preset", "ablation", "backend", "blur_prob", "solarize_prob")}
         try:
             for view in (0, 1):
                 ViewSpec(**shared, blur_prob=self.blur_prob[view], solarize_prob=self.solarize_prob[view])
