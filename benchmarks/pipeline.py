@@ -34,33 +34,27 @@ def _config(args, extra: list[str]):
 
 
 def model_only(args) -> dict:
-    from byol.models.build import build_model
-    from byol.optim import build_optimizer
-    from byol.train.runtime import resolve_device, resolve_precision, tune_cpu_allocator
+    from byol.train.loop import apply_runtime, build_model_and_optimizer
+    from byol.train.runtime import resolve_device
     from byol.train.step import train_step
 
     cfg = _config(args, [])
     device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    if device.type == "cpu" and cfg.train.malloc_tuning:
-        tune_cpu_allocator()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    precision = apply_runtime(cfg, device)  # as byol pretrain: allocator, threads, precision
     torch.manual_seed(cfg.train.seed)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = build_model(cfg).to(device, memory_format=fmt).train()
+    model, opt = build_model_and_optimizer(cfg, device)
+    model.train()
     if cfg.train.compile:
         model.compile()
-    opt = build_optimizer(cfg.optim.name, model, lr=0.0, weight_decay=cfg.optim.weight_decay,
-                          momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     b, s = cfg.optim.batch_size, cfg.augment.size
     v1, v2 = (torch.randn(b, 3, s, s, device=device).contiguous(memory_format=fmt) for _ in range(2))
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        stats = train_step(model, opt, v1, v2, lr=0.01, tau=0.99, precision=precision, return_outputs=True)
+        stats, _ = train_step(model, opt, v1, v2, lr=0.01, tau=0.99, precision=precision, return_outputs=True)
         if (i + 1) % cfg.train.log_every == 0:
-            float(stats[0]["loss"])  # the loop's one host sync per log row
+            float(stats["loss"])  # the loop's one host sync per log row
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

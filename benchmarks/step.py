@@ -70,7 +70,6 @@ def build_ours(batch: int, channels_last: bool = True, precision: str | None = N
     precision = resolve_precision(precision or tc.precision, torch.device("cpu"))
     if tc.malloc_tuning if malloc_tuning is None else malloc_tuning:
         tune_cpu_allocator()
-    BUILT["precision"] = precision
     model = BYOL(encoder(), FEATURES, projector_hidden=HIDDEN, projector_out=OUT, predictor_hidden=HIDDEN)
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # train.channels_last
     model = model.to(memory_format=fmt).train()
@@ -83,6 +82,7 @@ def build_ours(batch: int, channels_last: bool = True, precision: str | None = N
         lr = warmup_cosine_lr(i, TOTAL_STEPS, TOTAL_STEPS // 10, peak)
         train_step(model, opt, v1, v2, lr=lr, tau=cosine_tau(i, TOTAL_STEPS, mc.tau_base),
                    precision=precision, return_outputs=True)
+    step.precision = precision  # for the JSON record
     return step
 
 
@@ -186,7 +186,6 @@ def build_minimal(batch: int):
     return step
 
 
-BUILT: dict = {}  # what build_ours resolved, for the JSON record
 BUILDERS = {"lightly": build_lightly, "byol_pytorch": build_byol_pytorch, "minimal": build_minimal}
 MODULES = {"lightly": "lightly", "byol_pytorch": "byol_pytorch"}
 
@@ -228,7 +227,7 @@ def run_one(impl: str, batch: int, steps: int, warmup: int, threads: int, seed: 
             "step_ms_median": round(1000 * statistics.median(times), 1),
             "step_ms_min": round(1000 * min(times), 1), "peak_rss_mb": round(rss_kb / 1024, 1),
             "channels_last": channels_last if impl.startswith("ours") else False,
-            "precision": BUILT.get("precision", "fp32"),
+            "precision": getattr(step, "precision", "fp32"),
             "malloc_tuning": malloc_tuning if impl.startswith("ours") else False, "torch": torch.__version__,
             "machine": machine(), "load1_at_end": os.getloadavg()[0]}
 

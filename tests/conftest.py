@@ -64,3 +64,13 @@ def add_bad_files(root: Path) -> list[Path]:
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_shapes_folder(tmp_path / "images")
+
+
+def tiny_byol(**kwargs):
+    """A BYOL around a linear encoder of 4x4 images (no batch norm anywhere), seeded: the same
+    weights for every call with the same arguments."""
+    from byol.models.byol import BYOL
+
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
+    return BYOL(enc, 8, projector_hidden=16, projector_out=8, predictor_hidden=16, **kwargs)

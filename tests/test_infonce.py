@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from byol.config import load_config
 from byol.config.sections import ConfigError
 from byol.losses import symmetric_infonce_loss, symmetric_regression_loss
-from byol.models.byol import BYOL
 from byol.train.loop import pretrain
 from byol.train.state import find_checkpoint, load_checkpoint
 
-from conftest import TINY
+from conftest import TINY, tiny_byol
 
 
 def _pair(b=6, d=5, seed=0):
@@ -66,15 +65,10 @@ def test_beta_weighs_the_negatives_linearly_and_is_validated():
 
 
 def test_model_with_infonce_at_beta_zero_trains_exactly_like_byol():
-    def model(**kw):
-        torch.manual_seed(0)
-        enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
-        return BYOL(enc, 8, projector_hidden=16, projector_out=8, predictor_hidden=16, **kw)
-
     v1, v2 = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
-    a, _ = model()(v1, v2)
-    b, _ = model(loss="infonce", alpha=0.1, beta=0.0)(v1, v2)
-    c, _ = model(loss="infonce", alpha=0.1, beta=1.0)(v1, v2)
+    a, _ = tiny_byol()(v1, v2)
+    b, _ = tiny_byol(loss="infonce", alpha=0.1, beta=0.0)(v1, v2)
+    c, _ = tiny_byol(loss="infonce", alpha=0.1, beta=1.0)(v1, v2)
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c)
 
 

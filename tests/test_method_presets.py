@@ -8,11 +8,10 @@ import yaml
 from byol.config import load_config
 from byol.config.sections import ConfigError
 from byol.losses import symmetric_regression_loss
-from byol.models.byol import BYOL
 from byol.train.loop import pretrain
 from byol.train.state import find_checkpoint, load_checkpoint
 
-from conftest import TINY
+from conftest import TINY, tiny_byol
 
 
 def test_presets_fill_what_the_config_does_not_set():
@@ -31,15 +30,9 @@ def test_presets_fill_what_the_config_does_not_set():
         load_config(None, ["method.name=moco2"])
 
 
-def _tiny_model(target):
-    torch.manual_seed(0)
-    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
-    return BYOL(enc, 8, projector_hidden=16, projector_out=8, predictor_hidden=16, target=target)
-
-
 def test_simsiam_stops_the_gradient_on_the_projection_branch_only():
     v1, v2 = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
-    model = _tiny_model("online_stopgrad")
+    model = tiny_byol(target="online_stopgrad")
     loss, _ = model(v1, v2)
     grads = torch.autograd.grad(loss, list(model.encoder.parameters()))
     # by hand: z' = the online projection, detached; p = q(z) keeps its graph
@@ -48,7 +41,7 @@ def test_simsiam_stops_the_gradient_on_the_projection_branch_only():
     expected = torch.autograd.grad(manual, list(model.encoder.parameters()))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, expected))
     # without the stop-gradient the same weights give other gradients (both branches)
-    free = _tiny_model("online")
+    free = tiny_byol(target="online")
     free_loss, _ = free(v1, v2)
     other = torch.autograd.grad(free_loss, list(free.encoder.parameters()))
     assert torch.allclose(loss, free_loss)

@@ -36,11 +36,11 @@ def _direction_infonce(v: torch.Tensor, v_target: torch.Tensor, alpha: float, be
     with S the cosine. v = phi(u1) [B, D] (prediction, or projection without predictor),
     v' = psi(u2) [B, D] (target projection). At beta = 0 this is mean(2 - 2 cos(v, v')) exactly.
     """
-    v = F.normalize(v.float(), dim=-1)
-    t = F.normalize(v_target.float(), dim=-1)
-    loss = 2.0 - 2.0 * (v * t).sum(dim=-1).mean()
+    loss = regression_loss(v, v_target).mean()
     if beta == 0:
         return loss
+    v = F.normalize(v.float(), dim=-1)
+    t = F.normalize(v_target.float(), dim=-1)
     same = v @ v.T / alpha  # S(v_i, v_j) / alpha, the diagonal (j = i) left out below
     same = same.masked_fill(torch.eye(len(v), dtype=torch.bool, device=v.device), float("-inf"))
     cross = v @ t.T / alpha  # S(v_i, v'_j) / alpha, positives on the diagonal

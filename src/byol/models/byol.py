@@ -9,6 +9,7 @@ The EMA update is an explicit call, never a side effect of ``forward`` (STYLE.md
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 from torch import nn
@@ -76,7 +77,9 @@ class BYOL(nn.Module):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"method.loss must be one of {LOSSES}, got {loss!r}")
-        self.loss_name, self.alpha, self.beta = loss, alpha, beta
+        # chosen once: no string test in the hot path (DESIGN.md "Method variants")
+        self.loss_fn = (partial(symmetric_infonce_loss, alpha=alpha, beta=beta) if loss == "infonce"
+                        else symmetric_regression_loss)
         if target not in TARGET_MODES:
             raise ValueError(f"method.target must be one of {TARGET_MODES}, got {target!r}")
         if target_init not in TARGET_INITS:
@@ -158,10 +161,7 @@ class BYOL(nn.Module):
         """
         (y1, _), (z1, z2), (p1, p2) = self._online([v1, v2])
         t1, t2 = self._target([v1, v2], [z1, z2])
-        if self.loss_name == "infonce":
-            loss = symmetric_infonce_loss(p1, p2, t1, t2, alpha=self.alpha, beta=self.beta)
-        else:
-            loss = symmetric_regression_loss(p1, p2, t1, t2)
+        loss = self.loss_fn(p1, p2, t1, t2)
         stats = {"loss": loss.detach(), "z_std": normalized_std(z1.detach())}
         if return_outputs:
             return loss, stats, {"representation": y1.detach(), "projection": z1.detach()}
