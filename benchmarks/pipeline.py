@@ -34,7 +34,7 @@ def _config(args, extra: list[str]):
 
 
 def model_only(args) -> dict:
-    from byol.train.loop import apply_runtime, build_model_and_optimizer
+    from byol.train.setup import apply_runtime, build_model_and_optimizer
     from byol.train.runtime import resolve_device
     from byol.train.step import train_step
 

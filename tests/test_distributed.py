@@ -40,10 +40,20 @@ def _env(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _mlp_byol() -> BYOL:
+# BYOL; SimCLR's NT-Xent with negatives from both views of the *global* batch; MoCo's queue.
+KINDS = {
+    "byol": {},
+    "simclr": dict(predictor=False, target="online", loss="infonce", alpha=0.5, beta=1.0),
+    "moco": dict(predictor=False, loss="infonce", alpha=0.5, beta=1.0, queue_size=32),
+}
+
+
+def _mlp_byol(kind: str = "byol") -> BYOL:
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU())
-    return BYOL(encoder, 16, projector_hidden=32, projector_out=8, predictor_hidden=32, head_norm="none")
+    gather = distributed.gather_with_grad if distributed.world_size() > 1 else None
+    return BYOL(encoder, 16, projector_hidden=32, projector_out=8, predictor_hidden=32, head_norm="none",
+                gather=gather, **KINDS[kind])
 
 
 def _views(batch: int):
@@ -54,34 +64,48 @@ def _views(batch: int):
 def _one_step(model, v1, v2):
     opt = LARS(param_groups(model, weight_decay=1e-4), lr=0.0)
     train_step(model, opt, v1, v2, lr=0.5, tau=0.9)
+    train_step(model, opt, v2, v1, lr=0.5, tau=0.9)  # moco: this step's negatives are step 1's keys
 
 
-def _ddp_step_worker(rank: int, port: int, out: str) -> None:
+def _ddp_step_worker(rank: int, port: int, out: str, kind: str) -> None:
     _env(rank, port)
     distributed.init_from_env("cpu")
     try:
-        model = _mlp_byol()
+        model = _mlp_byol(kind)
         v1, v2 = _views(8)
         half = slice(rank * 4, rank * 4 + 4)
         _one_step(distributed.wrap(model, torch.device("cpu")), v1[half], v2[half])
-        if rank == 0:
-            torch.save(model.state_dict(), out)
+        torch.save(model.state_dict(), f"{out}.{rank}")
     finally:
         distributed.shutdown()
 
 
-def test_ddp_step_equals_single_process_step(tmp_path):
+def _rows(keys: torch.Tensor) -> torch.Tensor:
+    """The queue's keys as a set (sorted rows): ranks append every rank's keys, in rank order."""
+    return keys[torch.argsort(keys[:, 0])]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_ddp_steps_equal_single_process_steps(tmp_path, kind):
+    """Global batch 8 over 2 ranks == batch 8 in one process, also for the InfoNCE negatives
+    (gathered across ranks, with gradients) and for the MoCo queue (every rank's keys)."""
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_step_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    ref = _mlp_byol()
+    mp.spawn(_ddp_step_worker, args=(_free_port(), out, kind), nprocs=WORLD, join=True)
+    ref = _mlp_byol(kind)
     start = {k: v.clone() for k, v in ref.state_dict().items()}
     _one_step(ref, *_views(8))
-    ddp = torch.load(out, weights_only=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
     moved = 0
     for k, v in ref.state_dict().items():
-        assert torch.allclose(ddp[k], v, atol=1e-5, rtol=0), k
+        for ddp in ranks:
+            if k == "queue.keys":
+                assert torch.allclose(_rows(ddp[k]), _rows(v), atol=1e-5), k
+            else:
+                assert torch.allclose(ddp[k], v, atol=1e-5, rtol=0), k
         moved += not torch.equal(v, start[k])
-    assert moved > 0  # the step did something (online and target parameters changed)
+    assert moved > 0  # the steps did something (online and target parameters changed)
+    if kind == "moco":
+        assert int(ref.queue.count) == 32
 
 
 def test_sampler_ranks_split_each_global_batch():

@@ -17,7 +17,8 @@ from byol.config import load_config
 from byol.data.decode import decode_image
 from byol.data.errors import DataError
 from byol.eval.commands import load_run
-from byol.export import embed_folder, encoder_transform, export_encoder, load_encoder, save_encoder
+from byol.embed import embed_folder, encoder_transform
+from byol.export import export_encoder, load_encoder, save_encoder
 from byol.models.backbones import resnet
 from byol.train.loop import pretrain
 

@@ -26,7 +26,12 @@ def test_presets_fill_what_the_config_does_not_set():
         False, "online", "infonce", 1.0)
     mine = load_config(None, ["method.name=simsiam", "optim.base_lr=0.1", "model.predictor_hidden=64"])
     assert (mine.optim.base_lr, mine.model.predictor_hidden, mine.optim.name) == (0.1, 64, "sgd")
-    with pytest.raises(ConfigError, match="method.name must be one of byol, simsiam, simclr, got 'moco2'"):
+    moco = load_config(None, ["method.name=moco"])
+    assert (moco.method.predictor, moco.method.target, moco.method.loss, moco.method.beta) == (
+        False, "ema", "infonce", 1.0)
+    assert (moco.method.alpha, moco.method.tau_base, moco.method.queue_size) == (0.2, 0.999, 65536)
+    assert (moco.model.head_norm, moco.optim.name, moco.optim.base_lr) == ("none", "sgd", 0.03)
+    with pytest.raises(ConfigError, match="method.name must be one of byol, simsiam, simclr, moco, got 'moco2'"):
         load_config(None, ["method.name=moco2"])
 
 
@@ -49,20 +54,27 @@ def test_simsiam_stops_the_gradient_on_the_projection_branch_only():
     assert not model.target_parameters()  # no momentum encoder
 
 
-@pytest.mark.parametrize("name", ["simsiam", "simclr"])
+@pytest.mark.parametrize("name", ["byol", "simsiam", "simclr", "moco"])
 def test_preset_trains_checkpoints_and_resumes_exactly(tmp_path, name):
+    # moco: a queue of 32 keys, which the 16 keys of each step wrap around within the first run
+    queue = ["method.queue_size=32"] if name == "moco" else []
+
     def cfg(run, *extra):
         return load_config(None, [*TINY, f"method.name={name}", "data.dataset=shapes", "data.shapes_size=48",
                                   "data.val_fraction=0", f"train.out_dir={tmp_path}", f"train.name={run}",
-                                  *extra])
+                                  *queue, *extra])
     full = pretrain(cfg("full"))
     part = pretrain(cfg("split", "train.max_steps=5"))
+    stopped = load_checkpoint(find_checkpoint(part.run_dir))["model"]
     done = pretrain(cfg("split"), resume=part.run_dir)
     assert full.finished and done.finished
     a = load_checkpoint(find_checkpoint(full.run_dir))
     b = load_checkpoint(find_checkpoint(done.run_dir))
     assert yaml.safe_load((full.run_dir / "config.yaml").read_text())["method"]["name"] == name
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if name == "moco":  # the queue is in the checkpoint: full, and restored on resume (equal above)
+        assert int(stopped["queue.count"]) == 32 and int(stopped["queue.ptr"]) == (5 * 16) % 32
+        assert not torch.equal(stopped["queue.keys"], b["model"]["queue.keys"])
 
 
 def test_projector_and_predictor_norms_are_set_independently():

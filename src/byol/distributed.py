@@ -85,6 +85,28 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(keys, stacked.unbind()))
 
 
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[b, D] on each rank -> ([world * b, D] in rank order, this rank's row offset): the
+    negatives of every rank's batch (PAPER.md §7 under DDP). Differentiable: the gradient of each
+    rank's loss flows back to the rank that computed the rows. (x, 0) at world size 1."""
+    if world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous())), rank() * len(x)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank -> [world * b, ...] in rank order, no gradient (e.g. the keys that
+    every rank appends to its MoCo queue, so the queues stay identical). x at world size 1."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. the run directory named from rank 0's clock)."""
     if world_size() == 1:

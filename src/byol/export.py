@@ -1,4 +1,5 @@
-"""Export the encoder f (PAPER.md §2) of a run for downstream use, load it back, embed a folder.
+"""Export the encoder f (PAPER.md §2) of a run for downstream use and load it back (``byol embed``
+is in embed.py).
 
 The exported file is safetensors: a JSON header plus raw tensor bytes, so loading it never runs
 code (unlike a pickle, which may import and call anything). It holds only the encoder's
@@ -8,8 +9,7 @@ architecture as JSON, both in the safetensors metadata (key ``byol_encoder``) an
 
     byol export runs/r --out encoder.safetensors
     enc = byol.load_encoder("encoder.safetensors")        # torchvision-style ResNet, eval mode
-    y = enc(encoder_transform(enc.byol_meta)(image)[None])  # uint8 [3,H,W] -> [1, D]
-    byol embed encoder.safetensors images/ --out emb.npy  # emb.npy [N, D] + emb.files.txt
+    y = enc(byol.embed.encoder_transform(enc.byol_meta)(image)[None])  # uint8 [3,H,W] -> [1, D]
 """
 from __future__ import annotations
 
@@ -20,20 +20,16 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from byol.augment.views import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from byol.data.decode import decode_image
+from byol.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from byol.data.errors import DataError
-from byol.data.folder import ImageFolderDataset
-from byol.data.loader import default_workers, eval_crop_fraction
-from byol.eval.features import extract_features
+from byol.data.loader import eval_crop_fraction
 from byol.models.backbones import RESNET_SPECS, resnet
+from byol.models.norms import BACKBONE_NORMS
 from byol.train.runtime import resolve_device
 
 FORMAT = "byol-encoder"
@@ -72,12 +68,12 @@ def _refuse_overwrite(out: Path, force: bool) -> None:
 
 
 def save_encoder(encoder: nn.Module, out: str | os.PathLike, *, backbone: str, width: float = 1.0,
-                 cifar_stem: bool = False, image_size: int = 224,
+                 cifar_stem: bool = False, norm: str = "bn", image_size: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  source: dict | None = None, force: bool = False) -> dict:
     """Write an encoder f (a ``byol.models.backbones.ResNet``) as safetensors + sidecar json.
 
-    ``backbone``/``width``/``cifar_stem`` must describe ``encoder`` (checked against a shape-only
+    ``backbone``/``width``/``cifar_stem``/``norm`` must describe ``encoder`` (checked against a shape-only
     model); ``image_size``/``mean``/``std`` are what it was trained on, for the eval transform;
     ``source`` adds provenance (checkpoint, step). Refuses to overwrite ``out`` unless ``force``.
     Returns the architecture metadata.
@@ -90,14 +86,14 @@ def save_encoder(encoder: nn.Module, out: str | os.PathLike, *, backbone: str, w
         raise ValueError(f"backbone must be one of {', '.join(RESNET_SPECS)}, got {backbone!r}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     with torch.device("meta"):  # shapes only: no memory, no init cost even for ResNet-200 4x
-        expected = {k: v.shape for k, v in resnet(backbone, width=width, cifar_stem=cifar_stem)
-                    .state_dict().items()}
+        expected = {k: v.shape for k, v in resnet(backbone, width=width, cifar_stem=cifar_stem,
+                                                  norm=norm).state_dict().items()}
     if {k: v.shape for k, v in tensors.items()} != expected:
         raise ValueError(f"encoder does not match backbone={backbone} width={width} "
-                         f"cifar_stem={cifar_stem} (state_dict keys or shapes differ)")
+                         f"cifar_stem={cifar_stem} norm={norm} (state_dict keys or shapes differ)")
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "backbone": backbone, "width": width,
-        "cifar_stem": cifar_stem, "feature_dim": encoder.feature_dim, "image_size": image_size,
+        "cifar_stem": cifar_stem, "norm": norm, "feature_dim": encoder.feature_dim, "image_size": image_size,
         "mean": [float(m) for m in mean], "std": [float(s) for s in std],
         "eval_crop_fraction": eval_crop_fraction(image_size), "source_checkpoint": None,
         "step": None, **(source or {}), "byol_version": __version__,
@@ -113,6 +109,7 @@ def save_encoder(encoder: nn.Module, out: str | os.PathLike, *, backbone: str, w
 def _run_encoder(run_or_checkpoint: str | os.PathLike, which: str = "online") -> tuple[nn.Module, dict]:
     """-> (encoder f of a run, in eval mode; its metadata as ``save_encoder`` writes it)."""
     from byol.eval.commands import load_run
+    from byol.models.build import encoder_norm
 
     if which not in ("online", "target"):
         raise ValueError(f"which must be 'online' or 'target', got {which!r}")
@@ -122,7 +119,8 @@ def _run_encoder(run_or_checkpoint: str | os.PathLike, which: str = "online") ->
         raise DataError(f"{ckpt} has no target encoder (method.target={cfg.method.target})")
     encoder = model.encoder if which == "online" else model.target_encoder
     m, aug = cfg.model, cfg.augment
-    meta = dict(backbone=m.backbone, width=m.width, cifar_stem=m.cifar_stem, image_size=aug.size,
+    meta = dict(backbone=m.backbone, width=m.width, cifar_stem=m.cifar_stem, norm=encoder_norm(cfg),
+                image_size=aug.size,
                 mean=aug.mean, std=aug.std,
                 source={"source_checkpoint": str(ckpt), "step": loaded.step,
                         "which": which})
@@ -167,6 +165,8 @@ def _read_meta(path: Path) -> dict:
     if meta.get("backbone") not in RESNET_SPECS:
         raise DataError(f"{path}: unknown backbone {meta.get('backbone')!r} "
                         f"(known: {', '.join(RESNET_SPECS)})")
+    if meta.setdefault("norm", "bn") not in BACKBONE_NORMS:  # files before "norm" are BN ResNets
+        raise DataError(f"{path}: unknown norm {meta['norm']!r} (known: {', '.join(BACKBONE_NORMS)})")
     return meta
 
 
@@ -181,7 +181,7 @@ def load_encoder(path: str | os.PathLike, *, device: str = "cpu") -> nn.Module:
         raise DataError(f"encoder path is not a file: {path}")
     meta = _read_meta(path)
     dev = resolve_device(device, what="device")
-    encoder = resnet(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"])
+    encoder = resnet(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"], norm=meta["norm"])
     try:
         encoder.load_state_dict(safetensors.torch.load_file(str(path)), strict=True)
     except RuntimeError as e:  # missing/unexpected keys or shape mismatch
@@ -192,81 +192,3 @@ def load_encoder(path: str | os.PathLike, *, device: str = "cpu") -> nn.Module:
         raise DataError(f"{path} is not a valid safetensors file (corrupt tensor data)") from None
     encoder.byol_meta = meta
     return encoder.to(dev).eval()
-
-
-def encoder_transform(meta: dict):
-    """The centre-crop eval transform (PAPER.md §5) matching an encoder's ``byol_meta``:
-    uint8 [3, H, W] -> float32 [3, image_size, image_size], normalised."""
-    return eval_transform(meta["image_size"], crop_fraction=meta["eval_crop_fraction"],
-                          mean=meta["mean"], std=meta["std"])
-
-
-class _Decoded(Dataset):
-    """file i -> (transformed image, i), or (zeros, -1) when it fails to decode: the row is
-    dropped afterwards instead of silently replaced by another image, so rows match files."""
-
-    def __init__(self, files: Sequence[Path], transform, size: int) -> None:
-        self.files, self.transform, self.size = files, transform, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.transform(decode_image(self.files[i])), i
-        except DataError:
-            return torch.zeros(3, self.size, self.size), -1
-
-
-def _open_encoder(source: str | os.PathLike, device: torch.device) -> tuple[nn.Module, dict]:
-    """An exported ``.safetensors`` encoder, or the online encoder of a run dir / checkpoint."""
-    if Path(source).suffix == ".safetensors":
-        encoder = load_encoder(source)
-        return encoder.to(device), encoder.byol_meta
-    encoder, arch = _run_encoder(source)
-    return encoder.to(device), {**arch, "eval_crop_fraction": eval_crop_fraction(arch["image_size"])}
-
-
-def embed_folder(encoder_path: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
-                 *, batch_size: int = 256, device: str = "auto", workers: int | None = None,
-                 progress: bool = True) -> dict:
-    """``byol embed``: representations y = f(x) [N, D] of every image under ``images``.
-
-    Writes ``out`` (float32 .npy, row i = file i), ``<stem>.files.txt`` (paths relative to
-    ``images``, in row order) and, for a labelled folder, ``<stem>.labels.json`` ({classes,
-    labels}). Bad files are skipped and listed. Returns {n, dim, out, files, labels, skipped}.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images, out = Path(images), Path(out)
-    if not images.is_dir():
-        raise DataError(f"embed: images folder not found: {images}")
-    dev = resolve_device(device, what="--device")
-    encoder, meta = _open_encoder(encoder_path, dev)
-    try:
-        folder = ImageFolderDataset(images, bad_files="skip", verify="quick")
-    except DataError as e:  # its messages name data.path; here the user gave IMAGES
-        raise DataError(str(e).replace("data.path", "embed IMAGES", 1)) from None
-    data = _Decoded(folder.files, encoder_transform(meta), meta["image_size"])
-    feats, ids = extract_features(encoder, data, batch_size=batch_size, device=dev,
-                                  workers=default_workers(workers, dev), progress=progress,
-                                  desc="embed")
-    keep = (ids >= 0).nonzero().flatten().tolist()
-    failed = (ids < 0).nonzero().flatten().tolist()  # passed the quick check, failed to decode
-    skipped = [list(s) for s in folder.skipped]
-    skipped += [[str(folder.files[i]), "could not be decoded"] for i in failed]
-    if not keep:
-        raise DataError(f"embed: no image under {images} could be decoded")
-    array = feats[keep].numpy().astype(np.float32, copy=False)
-    with _replacing(out) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-    files_txt = out.with_suffix(".files.txt")
-    _write_text(files_txt, "".join(folder.files[i].relative_to(folder.root).as_posix() + "\n"
-                                   for i in keep))
-    labels_json = None
-    if folder.labels is not None:
-        labels_json = out.with_suffix(".labels.json")
-        _write_text(labels_json, json.dumps({"classes": folder.classes,
-                                             "labels": [folder.labels[i] for i in keep]}) + "\n")
-    return {"n": len(keep), "dim": array.shape[1], "out": str(out), "files": str(files_txt),
-            "labels": None if labels_json is None else str(labels_json), "skipped": skipped}

@@ -1,6 +1,8 @@
 """BYOL's regression loss (PAPER.md §1) and the generalized InfoNCE of PAPER.md §7."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -28,31 +30,50 @@ def symmetric_regression_loss(
     return regression_loss(p1, z2).mean() + regression_loss(p2, z1).mean()
 
 
-def _direction_infonce(v: torch.Tensor, v_target: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def _direction_infonce(v: torch.Tensor, v_target: torch.Tensor, alpha: float, beta: float, *,
+                       gather: Gather | None = None, queue: torch.Tensor | None = None,
+                       queue_valid: torch.Tensor | None = None) -> torch.Tensor:
     """One direction of the generalized objective, as a loss: 2 - objective (PAPER.md §7).
 
     objective = 2/B sum_i S(v_i, v'_i)
                 - beta 2 alpha/B sum_i log(sum_{j != i} exp(S(v_i, v_j)/alpha) + sum_j exp(S(v_i, v'_j)/alpha))
     with S the cosine. v = phi(u1) [B, D] (prediction, or projection without predictor),
     v' = psi(u2) [B, D] (target projection). At beta = 0 this is mean(2 - 2 cos(v, v')) exactly.
+
+    Negatives: by default the batch, both views (SimCLR's NT-Xent). ``gather`` ([b, D] -> (the
+    [world * b, D] concatenation over ranks, this rank's offset in it), differentiable) widens
+    the batch to every rank's. With ``queue`` [K, D] (MoCo; ``queue_valid`` [K] marks the filled
+    slots) the negatives are the queued past target projections instead: the sum in the log is
+    exp(S(v_i, v'_i)/alpha) + sum_k exp(S(v_i, queue_k)/alpha).
     """
     loss = regression_loss(v, v_target).mean()
     if beta == 0:
         return loss
     v = F.normalize(v.float(), dim=-1)
     t = F.normalize(v_target.float(), dim=-1)
-    same = v @ v.T / alpha  # S(v_i, v_j) / alpha, the diagonal (j = i) left out below
-    same = same.masked_fill(torch.eye(len(v), dtype=torch.bool, device=v.device), float("-inf"))
-    cross = v @ t.T / alpha  # S(v_i, v'_j) / alpha, positives on the diagonal
+    if queue is not None:
+        pos = (v * t).sum(dim=-1, keepdim=True) / alpha
+        neg = (v @ F.normalize(queue.float(), dim=-1).T / alpha).masked_fill(~queue_valid, float("-inf"))
+        log_den = torch.logsumexp(torch.cat((pos, neg), dim=1), dim=1)
+        return loss + beta * 2.0 * alpha * log_den.mean()
+    (v_all, offset), (t_all, _) = (gather(v), gather(t)) if gather is not None else ((v, 0), (t, 0))
+    own = torch.arange(len(v), device=v.device) + offset  # each anchor's column in v_all
+    same = v @ v_all.T / alpha  # S(v_i, v_j) / alpha, j = i left out below
+    same[torch.arange(len(v), device=v.device), own] = float("-inf")
+    cross = v @ t_all.T / alpha  # S(v_i, v'_j) / alpha, the positive at column own[i]
     log_den = torch.logsumexp(torch.cat((same, cross), dim=1), dim=1)
     return loss + beta * 2.0 * alpha * log_den.mean()
 
 
 def symmetric_infonce_loss(
-    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, *, alpha: float, beta: float
+    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, *, alpha: float, beta: float,
+    gather: Gather | None = None, queue: torch.Tensor | None = None, queue_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The generalized InfoNCE of PAPER.md §7, both directions summed like the BYOL loss:
-    l(p1, z2') + l(p2, z1') with l = 2 - objective.
+    l(p1, z2') + l(p2, z1') with l = 2 - objective (negatives: see ``_direction_infonce``).
 
     beta = 0 gives ``symmetric_regression_loss`` exactly (BYOL with predictor and target). With
     beta = 1, no predictor and the online projections as targets it is 4 + 4 alpha NT-Xent, where
@@ -63,4 +84,5 @@ def symmetric_infonce_loss(
         raise ValueError(f"method.beta must be in [0, 1], got {beta}")
     if alpha <= 0:
         raise ValueError(f"method.alpha must be > 0, got {alpha}")
-    return _direction_infonce(p1, z2, alpha, beta) + _direction_infonce(p2, z1, alpha, beta)
+    kw = dict(gather=gather, queue=queue, queue_valid=queue_valid)
+    return _direction_infonce(p1, z2, alpha, beta, **kw) + _direction_infonce(p2, z1, alpha, beta, **kw)

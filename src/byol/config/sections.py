@@ -114,6 +114,8 @@ class Model:
     predictor_hidden: int = 4096
     head_norm: str = "bn"  # hidden-layer norm of the projector (and of the predictor unless set)
     predictor_norm: str | None = None  # the predictor's own: bn | ln | none; null: head_norm
+    backbone_norm: str = "bn"  # bn | gn_ws (GroupNorm + weight standardisation) | none (PAPER.md §8)
+    bn_free_init: bool = False  # replace every BN by an affine after one calibration pass (§8)
     target_init: str = "independent"
     concat_views: bool = False
 
@@ -128,13 +130,14 @@ class Model:
         if self.predictor_norm is not None:
             _one_of("model.predictor_norm", self.predictor_norm, ("bn", "ln", "none"))
         _one_of("model.target_init", self.target_init, ("independent", "copy"))
+        _one_of("model.backbone_norm", self.backbone_norm, ("bn", "gn_ws", "none"))
 
 
 @dataclass(frozen=True)
 class Method:
     """Which member of the BYOL family (DESIGN.md "Method variants"). BYOL: the defaults."""
 
-    name: str = "byol"  # a preset (presets.METHOD_PRESETS): byol | simsiam | simclr
+    name: str = "byol"  # a preset (presets.METHOD_PRESETS): byol | simsiam | simclr | moco
     predictor: bool = True
     target: str = "ema"  # ema | online_stopgrad (SimSiam) | online
     loss: str = "regression"  # regression (2 - 2cos) | infonce (PAPER.md §7, alpha and beta)
@@ -142,6 +145,7 @@ class Method:
     beta: float = 0.0  # infonce weight of the negatives: 0 (BYOL's objective) .. 1 (SimCLR's)
     tau_base: float = 0.996
     tau_schedule: str = "cosine"  # cosine (PAPER.md §1) | constant
+    queue_size: int = 0  # > 0: infonce negatives from a FIFO queue of past target projections (MoCo)
 
     def __post_init__(self) -> None:
         _one_of("method.name", self.name, tuple(METHOD_PRESETS))
@@ -151,6 +155,10 @@ class Method:
         _prob("method.beta", self.beta)
         _prob("method.tau_base", self.tau_base)
         _one_of("method.tau_schedule", self.tau_schedule, ("cosine", "constant"))
+        _check(self.queue_size >= 0, "method.queue_size", ">= 0", self.queue_size)
+        _check(not self.queue_size or (self.loss == "infonce" and self.beta > 0), "method.queue_size",
+               "0 unless method.loss=infonce with method.beta > 0 (the queue holds negatives)",
+               self.queue_size)
 
 
 @dataclass(frozen=True)

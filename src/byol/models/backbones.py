@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from byol.models.norms import Affine, norm_layer, standardize_convs
+
 # name -> (block, layers per stage). ResNet-200 is the paper's largest encoder (§2).
 RESNET_SPECS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
@@ -83,17 +85,16 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, Affine)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
                 if isinstance(m, nn.BatchNorm2d):
                     m.reset_running_stats()
-        if self.zero_init_residual:
+        if self.zero_init_residual:  # the last norm of each residual block starts at 0
             for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
+                last = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+                if getattr(last, "weight", None) is not None:
+                    nn.init.zeros_(last.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -101,11 +102,16 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def resnet(name: str, *, width: float = 1.0, cifar_stem: bool = False) -> ResNet:
-    """Build ``name`` (one of RESNET_SPECS) at ``width``; see :class:`ResNet`."""
+def resnet(name: str, *, width: float = 1.0, cifar_stem: bool = False, norm: str = "bn",
+           zero_init_residual: bool = False) -> ResNet:
+    """Build ``name`` (one of RESNET_SPECS) at ``width``; see :class:`ResNet`. ``norm``: "bn"
+    (the paper), "gn_ws" (GroupNorm + weight-standardised convolutions), "none", or "affine" (the
+    structure left by the BN-free init, ``norms.remove_batchnorm``)."""
     if name not in RESNET_SPECS:
         raise ValueError(
             f"model.backbone: unknown backbone {name!r} (choose from {', '.join(RESNET_SPECS)})"
         )
     block, layers = RESNET_SPECS[name]
-    return ResNet(block, layers, width=width, cifar_stem=cifar_stem)
+    net = ResNet(block, layers, width=width, cifar_stem=cifar_stem, norm_layer=norm_layer(norm),
+                 zero_init_residual=zero_init_residual)
+    return standardize_convs(net) if norm == "gn_ws" else net

@@ -16,6 +16,7 @@ from torch import nn
 
 from byol.losses import symmetric_infonce_loss, symmetric_regression_loss
 from byol.models.heads import MLPHead
+from byol.models.queue import NegativeQueue
 
 TARGET_MODES = ("ema", "online_stopgrad", "online")
 TARGET_INITS = ("independent", "copy")
@@ -54,6 +55,10 @@ class BYOL(nn.Module):
         loss: "regression" (2 - 2cos, BYOL) or "infonce", the generalized objective of PAPER.md
             §7 with temperature ``alpha`` and negative weight ``beta`` (negatives from the batch,
             both views; beta = 0 is the regression loss).
+        queue_size: > 0 takes the InfoNCE negatives from a FIFO queue of that many past target
+            projections (MoCo) instead of the batch; ``update_queue`` appends, after the step.
+        gather: [b, D] -> ([world * b, D], offset), differentiable (``distributed.gather_with_grad``)
+            to draw batch negatives from every rank under DDP; the queue appends every rank's keys.
     """
 
     def __init__(
@@ -73,13 +78,20 @@ class BYOL(nn.Module):
         loss: str = "regression",
         alpha: float = 0.1,
         beta: float = 0.0,
+        queue_size: int = 0,
+        gather=None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"method.loss must be one of {LOSSES}, got {loss!r}")
         # chosen once: no string test in the hot path (DESIGN.md "Method variants")
-        self.loss_fn = (partial(symmetric_infonce_loss, alpha=alpha, beta=beta) if loss == "infonce"
-                        else symmetric_regression_loss)
+        self.loss_fn = (partial(symmetric_infonce_loss, alpha=alpha, beta=beta, gather=gather)
+                        if loss == "infonce" else symmetric_regression_loss)
+        if queue_size and not (loss == "infonce" and beta > 0):
+            raise ValueError("method.queue_size > 0 needs method.loss=infonce with method.beta > 0 "
+                             "(the queue holds the negatives)")
+        self.queue = NegativeQueue(queue_size, projector_out) if queue_size else None
+        self._gather = gather
         if target not in TARGET_MODES:
             raise ValueError(f"method.target must be one of {TARGET_MODES}, got {target!r}")
         if target_init not in TARGET_INITS:
@@ -161,11 +173,24 @@ class BYOL(nn.Module):
         """
         (y1, _), (z1, z2), (p1, p2) = self._online([v1, v2])
         t1, t2 = self._target([v1, v2], [z1, z2])
-        loss = self.loss_fn(p1, p2, t1, t2)
+        if self.queue is None:
+            loss = self.loss_fn(p1, p2, t1, t2)
+        else:
+            loss = self.loss_fn(p1, p2, t1, t2, queue=self.queue.keys, queue_valid=self.queue.valid())
         stats = {"loss": loss.detach(), "z_std": normalized_std(z1.detach())}
         if return_outputs:
-            return loss, stats, {"representation": y1.detach(), "projection": z1.detach()}
+            out = {"representation": y1.detach(), "projection": z1.detach()}
+            if self.queue is not None:
+                out["keys"] = torch.cat((t1, t2)).detach()  # for update_queue, after the step
+            return loss, stats, out
         return loss, stats
+
+    @torch.no_grad()
+    def update_queue(self, outputs: dict) -> None:
+        """Append this step's target projections (``forward(..., return_outputs=True)["keys"]``)
+        to the MoCo queue: an explicit call, like ``update_target``. A no-op without a queue."""
+        if self.queue is not None:
+            self.queue.push(outputs["keys"], None if self._gather is None else lambda k: self._gather(k)[0])
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,12 @@ from byol.data.errors import DataError
 from byol.data.folder import write_skipped
 from byol.data.loader import DeviceViews, ResumableSampler, build_pretrain_data, default_workers, loader
 from byol.eval.knn import evaluate_knn
-from byol.models.build import build_model
-from byol.optim import build_optimizer, cosine_tau, constant_tau, scaled_lr, warmup_cosine_lr
+from byol.optim import cosine_tau, constant_tau, scaled_lr, warmup_cosine_lr
 from byol.train.run import MetricsLogger, open_new_run, start_summary, truncate_metrics, write_json, write_summary
 from byol.train.state import CHECKPOINT_DIR, LAST, TrainState, atomic_save, find_checkpoint, load_checkpoint
 from byol.train.monitors import Monitors, final_eval, make_probe, progress_postfix, val_row
-from byol.train.runtime import StopFlag, resolve_device, resolve_precision, tune_cpu_allocator
+from byol.train.runtime import StopFlag, resolve_device
+from byol.train.setup import apply_runtime, build_model_and_optimizer
 from byol.train.step import train_step
 
 
@@ -82,27 +82,6 @@ def _save(state: TrainState, run_dir: Path, *, keep_epoch: int | None = None) ->
         atomic_save(sd, run_dir / CHECKPOINT_DIR / f"epoch_{keep_epoch:04d}.pt")
 
 
-def apply_runtime(cfg: Config, device: torch.device) -> str:
-    """The process-wide settings of ``cfg.train`` for ``device`` (allocator, threads) -> precision."""
-    if device.type == "cpu" and cfg.train.malloc_tuning:
-        tune_cpu_allocator()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    return resolve_precision(cfg.train.precision, device)
-
-
-def build_model_and_optimizer(cfg: Config, device: torch.device):
-    """The BYOL model on ``device`` in the configured memory format, and its optimizer (lr set
-    per step by the schedule). Draws the initial weights from the global RNG."""
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = build_model(cfg).to(device, memory_format=memory_format)
-    optimizer = build_optimizer(
-        cfg.optim.name, model, lr=0.0, weight_decay=cfg.optim.weight_decay,
-        momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient,
-    )
-    return model, optimizer
-
-
 def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol") -> PretrainResult:
     """Train ``cfg`` from scratch, or continue the run directory ``resume``."""
     device = resolve_device(cfg.train.device)
@@ -112,15 +91,12 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     if cfg.optim.batch_size % distributed.world_size():
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be a multiple of the "
                          f"{distributed.world_size()} processes (it is the global batch)")
-    if cfg.method.loss == "infonce" and cfg.method.beta > 0 and distributed.world_size() > 1:
-        raise ValueError("method.beta > 0 under torchrun is not supported yet (the negatives would "
-                         "come from each rank's own batch only); run it as one process")
     precision = apply_runtime(cfg, device)
     if cfg.data.path and resume is None:  # the run must find its data from any directory later
         cfg = replace(cfg, data={"path": str(Path(cfg.data.path).expanduser().resolve())})
     torch.manual_seed(cfg.train.seed)
     data = build_pretrain_data(cfg)
-    model, optimizer = build_model_and_optimizer(cfg, device)
+    model, optimizer = build_model_and_optimizer(cfg, device, data if resume is None else None)
     state = TrainState(model, optimizer, extra={"config": config_to_dict(cfg), "elapsed": 0.0,
                                                 "n_train": len(data.views)},
                        probe=make_probe(cfg, data, model.feature_dim, device))

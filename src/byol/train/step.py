@@ -43,9 +43,10 @@ def train_step(
     byol: BYOL = getattr(model, "module", model)
     set_lr(optimizer, lr)
     with autocast(v1.device, precision):
-        loss, stats, *outputs = model(v1, v2, return_outputs=return_outputs)
+        loss, stats, outputs = model(v1, v2, return_outputs=True)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     byol.update_target(tau)  # after the online step (PAPER.md §1)
-    return (stats, outputs[0]) if return_outputs else stats
+    byol.update_queue(outputs)  # MoCo: this step's keys become negatives of the next steps
+    return (stats, outputs) if return_outputs else stats
