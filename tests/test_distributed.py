@@ -44,7 +44,7 @@ def _env(rank: int, port: int) -> None:
 KINDS = {
     "byol": {},
     "simclr": dict(predictor=False, target="online", loss="infonce", alpha=0.5, beta=1.0),
-    "moco": dict(predictor=False, loss="infonce", alpha=0.5, beta=1.0, queue_size=32),
+    "moco": dict(predictor=False, loss="infonce", alpha=0.5, beta=1.0, queue_size=24),  # 32 keys: 8 evicted
 }
 
 
@@ -80,11 +80,6 @@ def _ddp_step_worker(rank: int, port: int, out: str, kind: str) -> None:
         distributed.shutdown()
 
 
-def _rows(keys: torch.Tensor) -> torch.Tensor:
-    """The queue's keys as a set (sorted rows): ranks append every rank's keys, in rank order."""
-    return keys[torch.argsort(keys[:, 0])]
-
-
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_ddp_steps_equal_single_process_steps(tmp_path, kind):
     """Global batch 8 over 2 ranks == batch 8 in one process, also for the InfoNCE negatives
@@ -97,15 +92,12 @@ def test_ddp_steps_equal_single_process_steps(tmp_path, kind):
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
     moved = 0
     for k, v in ref.state_dict().items():
-        for ddp in ranks:
-            if k == "queue.keys":
-                assert torch.allclose(_rows(ddp[k]), _rows(v), atol=1e-5), k
-            else:
-                assert torch.allclose(ddp[k], v, atol=1e-5, rtol=0), k
+        for ddp in ranks:  # the queue too: the same keys in the same slots on every rank
+            assert torch.allclose(ddp[k], v, atol=1e-5, rtol=0), k
         moved += not torch.equal(v, start[k])
     assert moved > 0  # the steps did something (online and target parameters changed)
     if kind == "moco":
-        assert int(ref.queue.count) == 32
+        assert int(ref.queue.count) == 24 and int(ref.queue.ptr) == 32 % 24
 
 
 def test_sampler_ranks_split_each_global_batch():

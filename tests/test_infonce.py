@@ -88,3 +88,15 @@ def test_simclr_combination_trains_checkpoints_and_resumes_exactly(tmp_path):
     b = load_checkpoint(find_checkpoint(done.run_dir))["model"]
     assert not any(k.startswith("target_") or k.startswith("predictor.") for k in a)  # no target, no q
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_logits_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(16, 32) for _ in range(4))
+    queue, valid = torch.randn(64, 32), torch.ones(64, dtype=torch.bool)
+    for extra in ({}, {"queue": queue, "queue_valid": valid}):
+        exact = symmetric_infonce_loss(p1, p2, z1, z2, alpha=0.1, beta=1.0, **extra)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = symmetric_infonce_loss(p1, p2, z1, z2, alpha=0.1, beta=1.0, **extra)
+        assert mixed.dtype == torch.float32
+        assert torch.allclose(mixed, exact, atol=1e-5), (mixed, exact)

@@ -9,6 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
+from byol.models.norms import Affine
 from byol.optim import LARS, build_optimizer, excluded_from_decay_and_adaptation, param_groups
 
 LR, MOMENTUM, WD, ETA = 0.5, 0.9, 1e-2, 1e-3
@@ -256,10 +257,11 @@ def test_exclusion_covers_every_norm_kind_and_bias():
         nn.LayerNorm(4),
         nn.RMSNorm(4),
         _WithOwnBias(),                           # "scale" kept, "bias" excluded
+        Affine(4),                                # a BN layer after the BN-free init
     )
     assert excluded_from_decay_and_adaptation(model) == {
         "0.bias", "1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias",
-        "4.weight", "4.bias", "7.weight", "7.bias", "8.weight", "9.bias",
+        "4.weight", "4.bias", "7.weight", "7.bias", "8.weight", "9.bias", "10.weight", "10.bias",
     }
 
 

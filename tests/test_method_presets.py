@@ -5,8 +5,9 @@ import pytest
 import torch
 import yaml
 
-from byol.config import load_config
+from byol.config import apply_overrides, config_from_dict, load_config
 from byol.config.sections import ConfigError
+from byol.export import export_encoder, load_encoder
 from byol.losses import symmetric_regression_loss
 from byol.train.loop import pretrain
 from byol.train.state import find_checkpoint, load_checkpoint
@@ -31,6 +32,10 @@ def test_presets_fill_what_the_config_does_not_set():
         False, "ema", "infonce", 1.0)
     assert (moco.method.alpha, moco.method.tau_base, moco.method.queue_size) == (0.2, 0.999, 65536)
     assert (moco.model.head_norm, moco.optim.name, moco.optim.base_lr) == ("none", "sgd", 0.03)
+    # the short forms: method=NAME on the command line, "method: NAME" in a file
+    short = config_from_dict(apply_overrides({"method": "simclr"}, ["method.alpha=0.5"]))
+    assert (short.method.name, short.method.beta, short.method.alpha) == ("simclr", 1.0, 0.5)
+    assert load_config(None, ["method=moco"]).method.queue_size == 65536
     with pytest.raises(ConfigError, match="method.name must be one of byol, simsiam, simclr, moco, got 'moco2'"):
         load_config(None, ["method.name=moco2"])
 
@@ -72,6 +77,9 @@ def test_preset_trains_checkpoints_and_resumes_exactly(tmp_path, name):
     b = load_checkpoint(find_checkpoint(done.run_dir))
     assert yaml.safe_load((full.run_dir / "config.yaml").read_text())["method"]["name"] == name
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the evaluation path (byol eval / export load the run through eval.commands.load_run)
+    enc = load_encoder(export_encoder(full.run_dir, tmp_path / f"{name}.safetensors")["out"])
+    assert all(torch.equal(v, a["model"][f"encoder.{k}"]) for k, v in enc.state_dict().items())
     if name == "moco":  # the queue is in the checkpoint: full, and restored on resume (equal above)
         assert int(stopped["queue.count"]) == 32 and int(stopped["queue.ptr"]) == (5 * 16) % 32
         assert not torch.equal(stopped["queue.keys"], b["model"]["queue.keys"])

@@ -26,8 +26,13 @@ def test_queue_is_fifo_and_overwrites_the_oldest():
     expected = F.normalize(torch.cat((second[2:], first[2:], second[:2])), dim=-1)
     assert torch.allclose(q.keys, expected)
     assert int(q.count) == 5 and int(q.ptr) == 2 and q.valid().all()
-    q.push(torch.randn(12, 3))  # more keys than slots: the newest 5 remain
-    assert int(q.count) == 5
+    last = torch.randn(12, 3)
+    q.push(last[:4], last[4:])  # more keys than slots: the newest 5 remain, in order
+    assert int(q.count) == 5 and int(q.ptr) == (2 + 5) % 5
+    assert torch.allclose(q.keys, F.normalize(last[-5:], dim=-1).roll(2, dims=0))
+    # keys that carry a graph are stored detached: the queue never holds a gradient path
+    q.push(torch.randn(2, 3, requires_grad=True) * 2)
+    assert q.keys.grad_fn is None and not q.keys.requires_grad
 
 
 def test_queue_holds_the_target_projections_of_the_step_without_gradient():
@@ -43,12 +48,14 @@ def test_queue_holds_the_target_projections_of_the_step_without_gradient():
     assert int(model.queue.count) == 8
     assert torch.allclose(model.queue.keys[:8], F.normalize(keys, dim=-1), atol=1e-6)
     assert not torch.allclose(model.queue.keys[:8], F.normalize(online, dim=-1), atol=1e-3)
-    assert not model.queue.keys.requires_grad
     assert "queue.keys" in model.state_dict() and "queue.keys" not in dict(model.named_parameters())
-    # the second step's loss reads the queue: a gradient never reaches it
-    loss, _ = model(v1, v2)
-    loss.backward()
-    assert model.queue.keys.grad is None
+    # the loss reads the queue: the same batch gives another loss with the queue emptied
+    with torch.no_grad():
+        filled, _ = model(v1, v2)
+        model.queue.count.zero_()
+        empty, _ = model(v1, v2)
+    assert torch.allclose(empty, torch.tensor(4.0))  # no negatives: 2 per direction exactly
+    assert not torch.allclose(filled, empty)
 
 
 def test_loss_against_the_queue_is_moco_infonce_by_hand():

@@ -116,3 +116,5 @@ def test_norm_variant_trains_resumes_and_exports(tmp_path, norm):
 def test_backbone_norm_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="model.backbone_norm must be one of bn, gn_ws, none"):
         load_config(None, ["model.backbone_norm=layer"])
+    with pytest.raises(ConfigError, match="model.backbone_norm must be bn with model.bn_free_init=true"):
+        load_config(None, ["model.backbone_norm=gn_ws", "model.bn_free_init=true"])

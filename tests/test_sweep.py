@@ -79,3 +79,23 @@ def test_cli_lists_grids_and_names_a_bad_one(capsys):
     assert main(["sweep", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown grid 'nope'" in err
+    assert main(["sweep"]) == 2 and "name a grid (tau," in capsys.readouterr().err
+
+
+def test_a_cell_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    # a first attempt with a mistake that fails before any cell starts may be corrected
+    with pytest.raises(Exception, match="data.path"):
+        run_sweep("tau", SMALL + ["data.path=/no/such/folder"], out=tmp_path / "a", log=lambda *_: None)
+    assert not any(p.is_dir() for p in (tmp_path / "a").iterdir())
+    out = tmp_path / "b"
+    killed = out / "tau_0"  # what a SIGKILL in the first epoch leaves: a run without checkpoints
+    killed.mkdir(parents=True)
+    (killed / "config.yaml").write_text("{}\n")
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    said = []
+    done = run_sweep("tau", SMALL + ["eval.initial_knn=false"], out=out, log=said.append)
+    assert done["complete"] and not any("resuming" in s for s in said)
+    assert all(row["knn_init_top1"] is None and row["knn_top1"] is not None for row in done["rows"])
+    assert any("random init -" in s for s in said)
+    # the folder of the failed attempt takes the corrected overrides: no cell had started
+    assert run_sweep("tau", SMALL, out=tmp_path / "a", log=lambda *_: None)["complete"]

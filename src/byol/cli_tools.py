@@ -64,12 +64,14 @@ def cmd_report(args) -> int:
 def cmd_sweep(args) -> int:
     from byol.sweep import GRIDS, SHORT, run_sweep
 
-    if args.list or not args.grid:
+    if args.list:
         print("grids (byol sweep NAME [section.key=value ...]):")
         for grid in GRIDS.values():
             print(f"  {grid.name:14s} {len(grid.cells)} cells: {grid.question}")
         print("every cell: the demo config + " + " ".join(f"{k}={v}" for k, v in SHORT.items()))
-        return 0 if args.list else 2
+        return 0
+    if not args.grid:
+        raise ConfigError(f"sweep: name a grid ({', '.join(GRIDS)}); byol sweep --list describes them")
     if any(a.startswith("--") for a in args.overrides):
         raise ConfigError(f"sweep: unknown option {next(a for a in args.overrides if a.startswith('--'))}")
     if args.no_progress:

@@ -52,20 +52,24 @@ def _direction_infonce(v: torch.Tensor, v_target: torch.Tensor, alpha: float, be
     loss = regression_loss(v, v_target).mean()
     if beta == 0:
         return loss
+    with torch.autocast(v.device.type, enabled=False):  # float32 logits under bf16 autocast too
+        return loss + beta * 2.0 * alpha * _log_denominator(v, v_target, alpha, gather, queue, queue_valid)
+
+
+def _log_denominator(v, v_target, alpha, gather, queue, queue_valid) -> torch.Tensor:
+    """mean_i log(sum of exp(S/alpha) over the negatives and the positive of anchor i)."""
     v = F.normalize(v.float(), dim=-1)
     t = F.normalize(v_target.float(), dim=-1)
     if queue is not None:
         pos = (v * t).sum(dim=-1, keepdim=True) / alpha
         neg = (v @ F.normalize(queue.float(), dim=-1).T / alpha).masked_fill(~queue_valid, float("-inf"))
-        log_den = torch.logsumexp(torch.cat((pos, neg), dim=1), dim=1)
-        return loss + beta * 2.0 * alpha * log_den.mean()
+        return torch.logsumexp(torch.cat((pos, neg), dim=1), dim=1).mean()
     (v_all, offset), (t_all, _) = (gather(v), gather(t)) if gather is not None else ((v, 0), (t, 0))
     own = torch.arange(len(v), device=v.device) + offset  # each anchor's column in v_all
     same = v @ v_all.T / alpha  # S(v_i, v_j) / alpha, j = i left out below
     same[torch.arange(len(v), device=v.device), own] = float("-inf")
     cross = v @ t_all.T / alpha  # S(v_i, v'_j) / alpha, the positive at column own[i]
-    log_den = torch.logsumexp(torch.cat((same, cross), dim=1), dim=1)
-    return loss + beta * 2.0 * alpha * log_den.mean()
+    return torch.logsumexp(torch.cat((same, cross), dim=1), dim=1).mean()
 
 
 def symmetric_infonce_loss(

@@ -84,12 +84,13 @@ METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "optim": {"name": "lars", "base_lr": 0.3, "weight_decay": 1e-6},
     },
     # MoCo v2: EMA key encoder (m = 0.999), InfoNCE at T = 0.2 against a queue of 65536 past keys,
-    # an MLP head without BN, SGD 0.03 x B/256, wd 1e-4. Both views are queries and keys
+    # an MLP head without BN, SGD 0.03 x B/256, wd 1e-4, the key encoder starting as a copy of the
+    # query encoder. Both views are queries and keys
     # (symmetrized like BYOL's loss) and batch norm is per view, not MoCo's shuffled BN.
     "moco": {
         "method": {"predictor": False, "target": "ema", "loss": "infonce", "alpha": 0.2, "beta": 1.0,
                    "tau_base": 0.999, "tau_schedule": "constant", "queue_size": 65536},
-        "model": {"projector_hidden": 2048, "projector_out": 128, "head_norm": "none"},
+        "model": {"projector_hidden": 2048, "projector_out": 128, "head_norm": "none", "target_init": "copy"},
         "optim": {"name": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9},
     },
 }

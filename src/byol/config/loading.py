@@ -87,6 +87,8 @@ def config_from_dict(raw: dict) -> Config:
             raise ConfigError(f"config: unknown section '{name}'{_suggest(str(name), list(SECTIONS))}")
         if body is None:
             body = {}
+        if name == "method" and isinstance(body, str):  # "method: moco" is method.name=moco
+            body = {"name": body}
         if not isinstance(body, dict):
             raise ConfigError(f"config: section '{name}' must be a mapping, got {body!r}")
         sections[name] = dict(body)
@@ -110,9 +112,13 @@ def config_from_dict(raw: dict) -> Config:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict, in order."""
     out = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
+    if isinstance(out.get("method"), str):
+        out["method"] = {"name": out["method"]}
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
+        if parts == ["method"]:  # method=simclr: the preset, short for method.name=simclr
+            parts = ["method", "name"]
         if not sep or len(parts) != 2 or not all(parts):
             raise ConfigError(f"config: override {item!r} must look like section.key=value")
         try:

@@ -131,6 +131,8 @@ class Model:
             _one_of("model.predictor_norm", self.predictor_norm, ("bn", "ln", "none"))
         _one_of("model.target_init", self.target_init, ("independent", "copy"))
         _one_of("model.backbone_norm", self.backbone_norm, ("bn", "gn_ws", "none"))
+        _check(not self.bn_free_init or self.backbone_norm == "bn", "model.backbone_norm",
+               "bn with model.bn_free_init=true (the init replaces BN layers)", self.backbone_norm)
 
 
 @dataclass(frozen=True)

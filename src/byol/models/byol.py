@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from byol import distributed
 from byol.losses import symmetric_infonce_loss, symmetric_regression_loss
 from byol.models.heads import MLPHead
 from byol.models.queue import NegativeQueue
@@ -58,7 +59,9 @@ class BYOL(nn.Module):
         queue_size: > 0 takes the InfoNCE negatives from a FIFO queue of that many past target
             projections (MoCo) instead of the batch; ``update_queue`` appends, after the step.
         gather: [b, D] -> ([world * b, D], offset), differentiable (``distributed.gather_with_grad``)
-            to draw batch negatives from every rank under DDP; the queue appends every rank's keys.
+            to draw batch negatives from every rank under DDP; then the queue appends every rank's
+            keys too (``distributed.gather``). The queue starts empty: its first step has no
+            negatives, so its loss is exactly 2 (no gradient), as with one positive and nothing else.
     """
 
     def __init__(
@@ -91,7 +94,7 @@ class BYOL(nn.Module):
             raise ValueError("method.queue_size > 0 needs method.loss=infonce with method.beta > 0 "
                              "(the queue holds the negatives)")
         self.queue = NegativeQueue(queue_size, projector_out) if queue_size else None
-        self._gather = gather
+        self._gather_keys = distributed.gather if gather is not None else None
         if target not in TARGET_MODES:
             raise ValueError(f"method.target must be one of {TARGET_MODES}, got {target!r}")
         if target_init not in TARGET_INITS:
@@ -181,7 +184,7 @@ class BYOL(nn.Module):
         if return_outputs:
             out = {"representation": y1.detach(), "projection": z1.detach()}
             if self.queue is not None:
-                out["keys"] = torch.cat((t1, t2)).detach()  # for update_queue, after the step
+                out["keys"] = (t1.detach(), t2.detach())  # for update_queue, after the step
             return loss, stats, out
         return loss, stats
 
@@ -190,7 +193,7 @@ class BYOL(nn.Module):
         """Append this step's target projections (``forward(..., return_outputs=True)["keys"]``)
         to the MoCo queue: an explicit call, like ``update_target``. A no-op without a queue."""
         if self.queue is not None:
-            self.queue.push(outputs["keys"], None if self._gather is None else lambda k: self._gather(k)[0])
+            self.queue.push(*outputs["keys"], gather=self._gather_keys)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,8 @@ class Affine(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # in x's dtype: bf16 activations stay bf16
+        return x * self.weight.to(x.dtype).view(shape) + self.bias.to(x.dtype).view(shape)
 
 
 def groups_for(channels: int, max_groups: int = 32) -> int:

@@ -30,13 +30,12 @@ class NegativeQueue(nn.Module):
         return torch.arange(self.size, device=self.keys.device) < self.count
 
     @torch.no_grad()
-    def push(self, keys: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Append ``keys`` [n, D] (normalised, detached; ``gather`` collects every rank's first),
-        overwriting the oldest once full."""
-        keys = F.normalize(keys.detach().float(), dim=-1)
-        if gather is not None:
-            keys = gather(keys)
-        keys = keys[-self.size:]
+    def push(self, *keys: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Append each of ``keys`` [n, D] in turn (normalised, detached), overwriting the oldest
+        once full. ``gather`` collects every rank's rows of each first, so under DDP the queue
+        gets the global batch's keys in the order one process would append them."""
+        keys = [F.normalize(k.detach().float(), dim=-1) for k in keys]
+        keys = torch.cat([gather(k) if gather is not None else k for k in keys])[-self.size:]
         n = len(keys)
         slots = (self.ptr + torch.arange(n, device=keys.device)) % self.size
         self.keys[slots] = keys

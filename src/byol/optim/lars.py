@@ -21,11 +21,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from byol.models.norms import Affine
+
 # _NormBase covers BatchNorm1d/2d/3d, SyncBatchNorm, the lazy variants and InstanceNorm1d/2d/3d.
 # LocalResponseNorm is a normalisation layer too but has no parameters, so it needs no entry.
-# RMSNorm exists from torch 2.4 on; the project supports older versions.
+# RMSNorm exists from torch 2.4 on; the project supports older versions. Affine is what the
+# BN-free init leaves in place of each BN layer (models/norms.py): BN's scale and offset.
 NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
-    t for t in (_NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None
+    t for t in (_NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None), Affine) if t is not None
 )
 
 

@@ -13,12 +13,14 @@ killed job) resumes from its checkpoint exactly like ``byol pretrain --resume``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from byol.config import ConfigError, apply_overrides, config_from_dict, read_yaml
 from byol.sweep.grids import GRIDS, SHORT, Grid
-from byol.sweep.table import result_row, write_outputs
+from byol.data.errors import DataError
+from byol.sweep.table import fmt, result_row, write_outputs
 
 # Keys that only say how or how far this session runs, not what a cell is: they may differ
 # between the sessions of one sweep.
@@ -61,11 +63,22 @@ def _check_settings(out: Path, grid: Grid, user: list[str]) -> dict:
         if record.get("grid") != grid.name:
             raise ConfigError(f"sweep: {out} holds the {record.get('grid')!r} grid, not {grid.name!r}; "
                               "choose another --out")
-        if record.get("overrides") != wanted:
+        started = any((out / c.label / "config.yaml").is_file() for c in grid.cells)
+        if record.get("overrides") != wanted and started:
             raise ConfigError(f"sweep: {out} was run with overrides {record.get('overrides')}, now "
                               f"{wanted}; rerun with the same ones or choose another --out")
-        return record
+        return {**record, "overrides": wanted}
     return {"grid": grid.name, "overrides": wanted, "wall_s": 0.0}
+
+
+def _has_checkpoint(cell_dir: Path) -> bool:
+    from byol.train.state import find_checkpoint
+
+    try:
+        find_checkpoint(cell_dir)
+        return True
+    except (DataError, ValueError, OSError):
+        return False
 
 
 def run_sweep(name: str, overrides: list[str] | None = None, *, out: str | Path | None = None,
@@ -92,7 +105,9 @@ def run_sweep(name: str, overrides: list[str] | None = None, *, out: str | Path 
             rows.append(json.loads(done.read_text()))
             log(f"[{i}/{len(grid.cells)}] {cell.label}: done before, not rerun")
             continue
-        resume = (cell_dir / "checkpoints").is_dir()
+        resume = _has_checkpoint(cell_dir)
+        if cell_dir.exists() and not resume:  # stopped before its first checkpoint: start over
+            shutil.rmtree(cell_dir)
         log(f"[{i}/{len(grid.cells)}] {cell.label}: {'resuming' if resume else 'running'} "
             f"{' '.join(f'{k}={v}' for k, v in cell.overrides.items()) or '(the grid baseline)'}")
         if resume:
@@ -114,9 +129,8 @@ def run_sweep(name: str, overrides: list[str] | None = None, *, out: str | Path 
         row = result_row(grid, cell, cell_dir)
         done.write_text(json.dumps(row, indent=1) + "\n")
         rows.append(row)
-        log(f"  {cell.label}: kNN {row['knn_top1']:.2f} (random init {row['knn_init_top1']:.2f}), "
-            f"z_std {row['z_std']:.3f}, collapsed {'yes' if row['collapsed'] else 'no'}"
-            if row["knn_top1"] is not None else f"  {cell.label}: finished (no labels: no kNN)")
+        log(f"  {cell.label}: kNN {fmt(row['knn_top1'])} (random init {fmt(row['knn_init_top1'])}), "
+            f"z_std {fmt(row['z_std'], 3)}, collapsed {fmt(row['collapsed'])}")
     outputs = write_outputs(grid, rows, out, record) if rows else {}
     return {"rows": rows, "interrupted": interrupted, "outputs": outputs, "out": out,
             "complete": len(rows) == len(grid.cells)}

@@ -41,7 +41,7 @@ def result_row(grid: Grid, cell: Cell, cell_dir: Path) -> dict:
     }
 
 
-def _fmt(value, digits: int = 2) -> str:
+def fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -63,9 +63,9 @@ def markdown_table(rows: list[dict]) -> str:
               "collapsed", "steps", "train s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = (r["cell"], f"`{r['settings']}`", _fmt(r["knn_top1"]), _fmt(r["knn_init_top1"]),
-                 _fmt(r["knn_gain"]), _fmt(r["z_std"], 3), _fmt(r["z_rank"], 1), _fmt(r["y_rank"], 1),
-                 _fmt(r["collapsed"]), _fmt(r["steps"]), _fmt(r["train_s"], 0))
+        cells = (r["cell"], f"`{r['settings']}`", fmt(r["knn_top1"]), fmt(r["knn_init_top1"]),
+                 fmt(r["knn_gain"]), fmt(r["z_std"], 3), fmt(r["z_rank"], 1), fmt(r["y_rank"], 1),
+                 fmt(r["collapsed"]), fmt(r["steps"]), fmt(r["train_s"], 0))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

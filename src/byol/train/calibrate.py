@@ -10,7 +10,9 @@ from byol.data.loader import DeviceViews
 
 
 def calibration_batch(cfg: Config, data, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
-    """View 1 of a seeded random batch (this rank's share of the global batch), on ``device``."""
+    """View 1 of a seeded random batch (this rank's share of the global batch), on ``device``.
+    Under DDP every rank calibrates its own network, then DDP's construction broadcasts rank 0's
+    parameters: rank 0's calibration is the one all ranks keep."""
     n = min(cfg.optim.batch_size // distributed.world_size(), len(data.views))
     g = torch.Generator().manual_seed(cfg.train.seed + 1009 * distributed.rank())
     items = [data.views[(0, int(i))] for i in torch.randperm(len(data.views), generator=g)[:n]]
