@@ -85,6 +85,19 @@ def test_bn_free_init_of_the_whole_model_heads_and_target_included():
     # the structure a checkpoint is loaded into has the same names and shapes
     plain = build_model(cfg)
     assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    # model.bn_free_heads=false: the encoders lose their BN, the heads keep theirs
+    enc_only = load_config(None, [*TINY, "model.bn_free_init=true", "model.bn_free_heads=false"])
+    torch.manual_seed(0)
+    model = build_model(enc_only, keep_bn=True).train()
+    with torch.no_grad():
+        want = copy.deepcopy(model).encoder(x)
+        bn_free_init(model, x, heads=False)
+        assert torch.allclose(model.encoder(x), want, atol=1e-4, rtol=1e-4)
+    for part, has_bn in (("encoder", False), ("target_encoder", False), ("projector", True), ("predictor", True)):
+        assert any(isinstance(m, nn.BatchNorm1d) for m in getattr(model, part).modules()) == has_bn, part
+        assert any(isinstance(m, nn.BatchNorm2d) for m in getattr(model, part).modules()) is False, part
+    assert {k: v.shape for k, v in build_model(enc_only).state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("norm", ["model.backbone_norm=gn_ws", "model.bn_free_init=true",

@@ -116,6 +116,7 @@ class Model:
     predictor_norm: str | None = None  # the predictor's own: bn | ln | none; null: head_norm
     backbone_norm: str = "bn"  # bn | gn_ws (GroupNorm + weight standardisation) | none (PAPER.md §8)
     bn_free_init: bool = False  # replace every BN by an affine after one calibration pass (§8)
+    bn_free_heads: bool = True  # with bn_free_init: the heads' BN too (false: only the encoders')
     target_init: str = "independent"
     concat_views: bool = False
 

@@ -25,15 +25,19 @@ def encoder_norm(cfg: Config) -> str:
     return "affine" if cfg.model.bn_free_init else cfg.model.backbone_norm
 
 
+ENCODERS = ("encoder", "target_encoder")
+
+
 @torch.no_grad()
-def bn_free_init(model: BYOL, x: torch.Tensor) -> BYOL:
-    """Replace every BN layer of ``model`` (encoders and heads, online and target) by the affine
-    that reproduces its output on the calibration batch ``x`` [B, 3, H, W] (PAPER.md §8)."""
+def bn_free_init(model: BYOL, x: torch.Tensor, heads: bool = True) -> BYOL:
+    """Replace every BN layer of ``model`` (encoders, and heads unless ``heads`` is False; online
+    and target) by the affine that reproduces its output on the calibration batch ``x``
+    [B, 3, H, W] (PAPER.md §8)."""
     def run():
         model.predictor(model.projector(model.encoder(x)))
         if model.target_mode == "ema":
             model.target_projector(model.target_encoder(x))
-    return remove_batchnorm(model, run)
+    return remove_batchnorm(model, run, only=None if heads else ENCODERS)
 
 
 def build_model(cfg: Config, *, keep_bn: bool = False) -> BYOL:
@@ -60,4 +64,6 @@ def build_model(cfg: Config, *, keep_bn: bool = False) -> BYOL:
         target_init=m.target_init,
         concat_views=m.concat_views,
     )
-    return remove_batchnorm(model) if m.bn_free_init and not keep_bn else model
+    if m.bn_free_init and not keep_bn:
+        remove_batchnorm(model, only=None if m.bn_free_heads else ENCODERS)
+    return model

@@ -105,8 +105,10 @@ def _affine_from(bn: nn.Module, stats: tuple[torch.Tensor, torch.Tensor] | None)
 
 
 @torch.no_grad()
-def remove_batchnorm(module: nn.Module, run: Callable[[], object] | None = None) -> nn.Module:
-    """Replace every BatchNorm of ``module`` by an :class:`Affine`, in place.
+def remove_batchnorm(module: nn.Module, run: Callable[[], object] | None = None, *,
+                     only: tuple[str, ...] | None = None) -> nn.Module:
+    """Replace every BatchNorm of ``module`` (or of its children named in ``only``, e.g. the
+    encoders) by an :class:`Affine`, in place.
 
     With ``run`` (a callable that does one forward pass of the BN network on a calibration batch),
     the data-dependent init of the module docstring: each BN's batch mean and (biased) variance
@@ -114,6 +116,7 @@ def remove_batchnorm(module: nn.Module, run: Callable[[], object] | None = None)
     outputs on that batch. Without ``run``: the BN's own affine, unchanged (the structure to load a
     checkpoint into). Each BN must see one batch during ``run``.
     """
+    parts = [module] if only is None else [getattr(module, n) for n in only if hasattr(module, n)]
     stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     if run is not None:
         def record(bn, inputs, _output):
@@ -123,7 +126,7 @@ def remove_batchnorm(module: nn.Module, run: Callable[[], object] | None = None)
                 raise ValueError("remove_batchnorm: a BN layer ran twice during calibration")
             stats[bn] = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
 
-        bns = [m for m in module.modules() if isinstance(m, _BN)]
+        bns = [m for part in parts for m in part.modules() if isinstance(m, _BN)]
         hooks = [bn.register_forward_hook(record) for bn in bns]
         was_training = module.training
         try:
@@ -136,6 +139,7 @@ def remove_batchnorm(module: nn.Module, run: Callable[[], object] | None = None)
         missing = [bn for bn in bns if bn not in stats]
         if missing:
             raise ValueError(f"remove_batchnorm: {len(missing)} BN layers did not run during calibration")
-    _replace(module, lambda bn: _affine_from(bn, stats.get(bn)))
+    for part in parts:
+        _replace(part, lambda bn: _affine_from(bn, stats.get(bn)))
     return module
 

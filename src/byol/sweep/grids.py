@@ -109,6 +109,7 @@ GRIDS: dict[str, Grid] = {g.name: g for g in (
             Cell("gn_ws", {"model.backbone_norm": "gn_ws"}),
             Cell("gn_ws_heads_ln", {"model.backbone_norm": "gn_ws", "model.head_norm": "ln"}),
             Cell("bn_free_init", {"model.bn_free_init": True}),
+            Cell("bn_free_encoder", {"model.bn_free_init": True, "model.bn_free_heads": False}),
         ),
     ),
     Grid(

@@ -28,7 +28,7 @@ def build_model_and_optimizer(cfg: Config, device: torch.device, data=None):
     calibrate = data is not None and cfg.model.bn_free_init
     model = build_model(cfg, keep_bn=calibrate).to(device, memory_format=memory_format)
     if calibrate:
-        bn_free_init(model, calibration_batch(cfg, data, device, memory_format))
+        bn_free_init(model, calibration_batch(cfg, data, device, memory_format), cfg.model.bn_free_heads)
     optimizer = build_optimizer(
         cfg.optim.name, model, lr=0.0, weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient,
