@@ -25,7 +25,9 @@ def encoder_norm(cfg: Config) -> str:
     return "affine" if cfg.model.bn_free_init else cfg.model.backbone_norm
 
 
-ENCODERS = ("encoder", "target_encoder")
+def _bn_free_parts(heads: bool) -> tuple[str, ...] | None:
+    """What the BN-free init converts: the whole model, or only the encoders (online and target)."""
+    return None if heads else ("encoder", "target_encoder")
 
 
 @torch.no_grad()
@@ -37,7 +39,7 @@ def bn_free_init(model: BYOL, x: torch.Tensor, heads: bool = True) -> BYOL:
         model.predictor(model.projector(model.encoder(x)))
         if model.target_mode == "ema":
             model.target_projector(model.target_encoder(x))
-    return remove_batchnorm(model, run, only=None if heads else ENCODERS)
+    return remove_batchnorm(model, run, only=_bn_free_parts(heads))
 
 
 def build_model(cfg: Config, *, keep_bn: bool = False) -> BYOL:
@@ -65,5 +67,5 @@ def build_model(cfg: Config, *, keep_bn: bool = False) -> BYOL:
         concat_views=m.concat_views,
     )
     if m.bn_free_init and not keep_bn:
-        remove_batchnorm(model, only=None if m.bn_free_heads else ENCODERS)
+        remove_batchnorm(model, only=_bn_free_parts(m.bn_free_heads))
     return model

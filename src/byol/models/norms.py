@@ -89,7 +89,7 @@ def _replace(module: nn.Module, make: Callable[[nn.Module], nn.Module]) -> None:
 
 
 def _affine_from(bn: nn.Module, stats: tuple[torch.Tensor, torch.Tensor] | None) -> Affine:
-    out = Affine(bn.num_features).to(bn.weight.device)
+    out = Affine(bn.num_features).to(next(bn.buffers(), bn.weight).device)
     with torch.no_grad():
         gamma = bn.weight.detach().float() if bn.affine else torch.ones_like(out.weight)
         beta = bn.bias.detach().float() if bn.affine else torch.zeros_like(out.bias)
@@ -142,4 +142,3 @@ def remove_batchnorm(module: nn.Module, run: Callable[[], object] | None = None,
     for part in parts:
         _replace(part, lambda bn: _affine_from(bn, stats.get(bn)))
     return module
-

@@ -1,13 +1,13 @@
 """The named grids of ``byol sweep``: the ablations of PAPER.md §7 and §8 as short runs.
 
 Every cell is the ``demo`` config (the built-in shapes, a narrow ResNet-18, 32 px) shortened by
-:data:`SHORT`, plus the grid's ``base`` and the cell's own overrides; the user's overrides
+:data:`SHORT`, plus the cell's own overrides; the user's overrides
 (``data.path=...``, ``optim.epochs=...``) come last and apply to every cell. A grid changes one
 thing at a time, so a cell's overrides are exactly what sets it apart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Every cell: 8 epochs (200 steps on the demo data), the kNN at random init (each cell's own
 # "random network" baseline) and at the end, collapse diagnostics every 25 steps, no kNN during
@@ -38,7 +38,6 @@ class Grid:
     question: str  # what the grid varies
     paper: str  # the finding it checks (PAPER.md)
     cells: tuple[Cell, ...]
-    base: dict[str, object] = field(default_factory=dict)
     x_label: str = ""
 
     def cell(self, label: str) -> Cell:

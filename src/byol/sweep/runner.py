@@ -45,8 +45,8 @@ def _parse(overrides: list[str]) -> dict[str, str]:
 
 
 def cell_overrides(grid: Grid, label: str, user: list[str]) -> list[str]:
-    """SHORT, then the grid's base, then the cell's own keys, then the user's (which win)."""
-    merged = {**SHORT, **grid.base, **grid.cell(label).overrides}
+    """SHORT, then the cell's own keys, then the user's (which win)."""
+    merged = {**SHORT, **grid.cell(label).overrides}
     items = [f"{k}={json.dumps(v) if isinstance(v, (bool, type(None))) else v}" for k, v in merged.items()]
     given = _parse(user)
     if "data.path" in given and "data.dataset" not in given:
@@ -113,7 +113,7 @@ def run_sweep(name: str, overrides: list[str] | None = None, *, out: str | Path 
         if resume:
             saved = read_yaml(cell_dir / "config.yaml")  # its own config, minus the last stop step
             saved["train"] = {k: v for k, v in (saved.get("train") or {}).items() if k != "max_steps"}
-            session = [u for u in user if u.partition("=")[0].strip() in SESSION_KEYS]
+            session = [f"{k}={v}" for k, v in _parse(user).items() if k in SESSION_KEYS]
             result = pretrain(config_from_dict(apply_overrides(saved, session)), resume=cell_dir)
         else:
             result = pretrain(configs[cell.label], stem=cell.label)
