@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from byol.cli import main
-from byol.train.state import find_checkpoint
+from byol.train.checkpoint import find_checkpoint
 
 from conftest import TINY, add_bad_files, write_shapes_folder
 

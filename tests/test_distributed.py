@@ -20,7 +20,7 @@ from byol import BYOL, LARS, param_groups
 from byol import distributed
 from byol.config import load_config
 from byol.data.loader import ResumableSampler
-from byol.train.state import find_checkpoint, load_checkpoint
+from byol.train.checkpoint import find_checkpoint, load_checkpoint
 from byol.train.step import train_step
 
 from conftest import TINY
@@ -148,7 +148,7 @@ def test_two_processes_pretrain_a_resnet_rank0_writes_and_resume_is_exact(tmp_pa
         rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
         assert len(list((tmp_path / run / "tb").iterdir())) >= 1
-        assert sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir()) == ["last.pt"]
+        assert sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir()) == ["last.pt", "previous.pt"]
     assert json.loads((tmp_path / "full" / "summary.json").read_text())["finished"]
     assert (tmp_path / "full" / "eval" / "knn.json").is_file()
 

@@ -11,7 +11,7 @@ from byol.config import load_config
 from byol.config.sections import ConfigError
 from byol.losses import symmetric_infonce_loss, symmetric_regression_loss
 from byol.train.loop import pretrain
-from byol.train.state import find_checkpoint, load_checkpoint
+from byol.train.checkpoint import find_checkpoint, load_checkpoint
 
 from conftest import TINY, tiny_byol
 

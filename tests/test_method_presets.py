@@ -10,7 +10,7 @@ from byol.config.sections import ConfigError
 from byol.export import export_encoder, load_encoder
 from byol.losses import symmetric_regression_loss
 from byol.train.loop import pretrain
-from byol.train.state import find_checkpoint, load_checkpoint
+from byol.train.checkpoint import find_checkpoint, load_checkpoint
 
 from conftest import TINY, tiny_byol
 

@@ -16,7 +16,7 @@ from byol.models.backbones import resnet
 from byol.models.build import bn_free_init, build_model
 from byol.models.norms import Affine, WSConv2d, groups_for, remove_batchnorm
 from byol.train.loop import pretrain
-from byol.train.state import find_checkpoint, load_checkpoint
+from byol.train.checkpoint import find_checkpoint, load_checkpoint
 
 from conftest import TINY
 

@@ -10,7 +10,7 @@ from byol.config import load_config
 from byol.train import runtime
 from byol.train.loop import pretrain
 from byol.train.runtime import resolve_precision, tune_cpu_allocator
-from byol.train.state import find_checkpoint, load_checkpoint
+from byol.train.checkpoint import find_checkpoint, load_checkpoint
 
 from conftest import TINY
 

@@ -26,6 +26,12 @@ from pathlib import Path
 from byol.cli_eval import add_eval_parsers
 from byol.cli_tools import add_tool_parsers
 from byol.config import ConfigError, apply_overrides, config_from_dict, read_yaml
+from byol.train.checkpoint import CheckpointWriteError
+from byol.train.guard import TrainingDiverged
+
+# Exit codes: 0 done (or stopped by train.max_steps), 2 a mistake in the input, 3 the run
+# diverged (non-finite loss or weights), 4 a checkpoint could not be written, 130 interrupted.
+EXIT_DIVERGED, EXIT_CHECKPOINT_WRITE = 3, 4
 
 EXAMPLES = {
     "pretrain": "example:\n  byol pretrain --config cifar10_resnet18 data.path=/data/cifar10/train optim.epochs=200\n"
@@ -65,6 +71,8 @@ def _print_run(result) -> bool:
     print(f"  metrics:     {run / 'metrics.jsonl'} (tensorboard: {run / 'tb'})")
     if result.skipped:
         print(f"  skipped {len(result.skipped)} unreadable image(s), listed in {run / 'skipped_files.tsv'}")
+    if result.resumed_from is not None and result.resumed_from.name != "last.pt":
+        print(f"  resumed from: {result.resumed_from}")
     if not result.finished:
         print(f"stopped at step {result.step}; continue with: byol pretrain --resume {run}")
     if result.knn_init is not None:
@@ -80,16 +88,18 @@ def _print_run(result) -> bool:
     return True
 
 
-# What a resume may change: where and how it logs and evaluates, not what it trains.
+# What a resume may change: where and how it logs and evaluates, not what it trains; and the
+# peak learning rate, the remedy for a run that diverged (the schedule keeps its shape).
 RESUME_MUTABLE = ("train", "eval")
+RESUME_MUTABLE_KEYS = ("optim.base_lr",)
 
 
 def check_resume_overrides(overrides: list[str]) -> None:
     for item in overrides:
         key = item.partition("=")[0]
-        if key.split(".")[0] not in RESUME_MUTABLE:
-            raise ConfigError(f"--resume: {key} cannot change in a resumed run (only train.* and "
-                              "eval.* can); start a new run to change it")
+        if key.split(".")[0] not in RESUME_MUTABLE and key not in RESUME_MUTABLE_KEYS:
+            raise ConfigError(f"--resume: {key} cannot change in a resumed run (only train.*, "
+                              "eval.* and optim.base_lr can); start a new run to change it")
 
 
 def resume_config(raw: dict) -> dict:
@@ -110,9 +120,10 @@ def cmd_pretrain(args) -> int:
             raise ConfigError(f"--resume: no such run directory: {args.resume}")
         if not run_cfg.is_file():
             raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
-        from byol.train.state import find_checkpoint
+        from byol.train.checkpoint import find_checkpoint
 
-        find_checkpoint(args.resume)  # fail early, before building anything
+        find_checkpoint(args.resume)  # fail early, before building anything (which one loads is
+        # decided by the run: the newest that verifies)
         cfg = config_from_dict(apply_overrides(resume_config(read_yaml(run_cfg)), args.overrides))
         check_resume_overrides(args.overrides)
         result = pretrain(cfg, resume=args.resume)
@@ -192,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"byol: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:  # the last good checkpoint is kept; the message says what to do
+        print(f"byol: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except CheckpointWriteError as exc:
+        print(f"byol: error: {_one_line(exc)}; the run stopped (free space, then resume it)", file=sys.stderr)
+        return EXIT_CHECKPOINT_WRITE
     except KeyboardInterrupt:
         print("byol: interrupted", file=sys.stderr)
         return 130

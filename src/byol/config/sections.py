@@ -41,6 +41,9 @@ class Data:
     val_fraction: float = 0.1  # held out per class (labelled data) for the kNN evaluation
     bad_files: str = "skip"  # skip (count and list them) | fail (stop, naming the file)
     verify: str = "quick"  # quick (header/trailer check) | full (decode every file up front)
+    # Images whose header declares more pixels are refused undecoded (decompression bombs);
+    # null: no limit. 250 MP is above a 200-MP phone photo (byol.data.decode.DEFAULT_MAX_PIXELS).
+    max_pixels: int | None = 250_000_000
     num_workers: int | None = None  # None: 0 on <= 2 cores, min(4, cores / 2) on the CPU, min(8, cores) on CUDA
     shapes_size: int = 4000  # images of the built-in "shapes" dataset
     shapes_image_size: int = 32
@@ -52,6 +55,8 @@ class Data:
         _one_of("data.bad_files", self.bad_files, ("skip", "fail"))
         _one_of("data.verify", self.verify, ("quick", "full"))
         _check(self.limit is None or self.limit > 0, "data.limit", "> 0 or null", self.limit)
+        mp = self.max_pixels
+        _check(mp is None or mp > 0, "data.max_pixels", "> 0 or null", mp)
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "in [0, 1)", self.val_fraction)
         w = self.num_workers
         _check(w is None or w >= 0, "data.num_workers", ">= 0 or null", w)
@@ -206,8 +211,10 @@ class Train:
     compile: bool = False  # torch.compile the model's forward (minutes of compiling first)
     malloc_tuning: bool = True  # on the CPU (glibc): keep freed memory in the heap, no mmap churn
     progress: bool = True
+    nonfinite: str = "stop"  # a non-finite loss/weights: stop (keep the last good checkpoint) | skip the step
 
     def __post_init__(self) -> None:
+        _one_of("train.nonfinite", self.nonfinite, ("stop", "skip"))
         _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         _check(self.keep_every_epochs >= 0, "train.keep_every_epochs", ">= 0", self.keep_every_epochs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +16,7 @@ from byol.eval.knn import evaluate_knn
 from byol.models.build import build_encoder, build_model
 from byol.train.runtime import resolve_device
 from byol.train.run import write_json
-from byol.train.state import LAST, find_checkpoint, load_checkpoint
+from byol.train.checkpoint import LAST, find_checkpoint, load_checkpoint, load_newest
 
 
 class LoadedRun(NamedTuple):
@@ -42,8 +43,17 @@ def load_run(run_or_checkpoint: str | Path) -> LoadedRun:
     # one read: the hash is of exactly the bytes loaded, even if a run still training replaces
     # last.pt meanwhile (features of old weights must never be cached under a new file's hash)
     raw = ckpt.read_bytes()
+    try:
+        sd = load_checkpoint(ckpt, raw)
+    except DataError:
+        if Path(run_or_checkpoint).is_file():
+            raise
+        ckpt = load_newest(run_or_checkpoint).path  # a run's last.pt is damaged: its newest good one
+        print(f"byol: warning: {find_checkpoint(run_or_checkpoint)} does not load; using {ckpt}",
+              file=sys.stderr, flush=True)
+        raw = ckpt.read_bytes()
+        sd = load_checkpoint(ckpt, raw)
     digest = hashlib.sha256(raw).hexdigest()
-    sd = load_checkpoint(ckpt, raw)
     del raw
     if "config" not in sd.get("extra", {}):
         raise DataError(f"{ckpt} is not a byol pretraining checkpoint")

@@ -72,7 +72,7 @@ def _check_settings(out: Path, grid: Grid, user: list[str]) -> dict:
 
 
 def _has_checkpoint(cell_dir: Path) -> bool:
-    from byol.train.state import find_checkpoint
+    from byol.train.checkpoint import find_checkpoint
 
     try:
         find_checkpoint(cell_dir)

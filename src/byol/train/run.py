@@ -19,7 +19,7 @@ from pathlib import Path
 
 from byol import distributed
 from byol.optim.schedules import scaled_lr
-from byol.train.state import CHECKPOINT_DIR
+from byol.train.checkpoint import CHECKPOINT_DIR
 
 
 def new_run_dir(out_dir: str, name: str | None, stem: str) -> Path:
@@ -141,6 +141,8 @@ def write_summary(cfg, state, run_dir, result, device, precision) -> None:
         "elapsed_s": elapsed, "images_per_s": state.step * cfg.optim.batch_size / elapsed if elapsed else None,
         "collapsed": result.collapsed_at is not None, "collapsed_at_step": result.collapsed_at,
         "device": str(device), "precision": precision,
+        "diverged": result.diverged is not None, "diverged_at_step": (result.diverged or {}).get("step"),
+        "last_good_checkpoint_step": (result.diverged or {}).get("last_good_step"),
         "knn_top1": result.knn["top1"] if result.knn else None,
         "online_linear_top1": result.online_linear["top1"] if result.online_linear else None,
     })

@@ -1,17 +1,13 @@
 """TrainState: everything a resume needs, saved and loaded whole (STYLE.md rule 3).
 
-Checkpoints are written to a temporary file in the same folder and renamed over the old one,
-so a crash while saving never leaves a half-written checkpoint. They hold only tensors and
-plain Python values and are loaded with ``weights_only=True``: loading never runs code.
+The state is a dict of tensors and plain Python values only, so it loads with
+``weights_only=True`` (never running code); train/checkpoint.py writes, verifies and rotates
+the files that hold it.
 """
 from __future__ import annotations
 
-import io
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +15,6 @@ import torch
 
 from byol.data.errors import DataError
 
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.pt"
 FORMAT_VERSION = 1
 
 
@@ -84,48 +78,3 @@ def restore_rng(rng: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
-    """Load a checkpoint file with weights_only=True; DataError (one line) if unreadable.
-    ``data``: the file's bytes, already read by the caller (parsed instead of reading again)."""
-    path = Path(path)
-    try:
-        sd = torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu",
-                        weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"checkpoint not found: {path}") from None
-    except Exception:  # corrupt, truncated, or not a weights-only file: never retry unsafely
-        raise DataError(f"{path} is not a byol checkpoint (or is corrupt)") from None
-    if not isinstance(sd, dict) or "model" not in sd or "step" not in sd:
-        raise DataError(f"{path} is not a byol checkpoint")
-    return sd
-
-
-def find_checkpoint(run_or_file: str | Path) -> Path:
-    """A checkpoint file, or a run directory -> its checkpoints/last.pt. One-line error if none."""
-    p = Path(run_or_file)
-    if p.is_file():
-        return p
-    if not p.exists():
-        raise DataError(f"no such run directory or checkpoint: {p}")
-    last = p / CHECKPOINT_DIR / LAST
-    if not last.is_file():
-        raise DataError(f"no checkpoint in {p} (expected {last})")
-    return last
