@@ -5,6 +5,7 @@ those of a run that never stopped, and its log holding each step once."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -101,3 +102,17 @@ def test_a_second_writer_is_refused_and_a_killed_run_leaves_no_stuck_lock(tmp_pa
     resumed = run_byol(byol_command(run, f"train.max_steps={step + 2}", resume=True), run)
     assert resumed.returncode == 0, resumed.stderr
     assert f"stopped at step {step + 2}" in resumed.stdout
+
+
+def test_sigterm_finishes_the_step_checkpoints_exits_130_and_resumes_bitwise(tmp_path, reference):
+    run = tmp_path / "run"
+    proc = start_byol(byol_command(run), run)
+    wait_for_step(proc, run, 7)
+    proc.send_signal(signal.SIGTERM)  # a preemption notice
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert 7 <= stopped["step"] < TOTAL_STEPS and logged_steps(run)[-1] == stopped["step"]
+    done = run_byol(byol_command(run, resume=True), run)
+    assert done.returncode == 0, done.stderr
+    _assert_same_as_reference(run, reference)

@@ -99,3 +99,20 @@ def test_a_cell_killed_before_its_first_checkpoint_starts_over(tmp_path):
     assert any("random init -" in s for s in said)
     # the folder of the failed attempt takes the corrected overrides: no cell had started
     assert run_sweep("tau", SMALL, out=tmp_path / "a", log=lambda *_: None)["complete"]
+
+
+def test_a_cell_that_diverges_is_recorded_and_the_sweep_goes_on(tmp_path):
+    out = tmp_path / "normalization"
+    # plain SGD at a huge rate: the cells without any normalisation go non-finite, BN cells do not
+    explode = [*SMALL, "optim.name=sgd", "optim.base_lr=1e4", "train.precision=fp32", "eval.knn_every=0"]
+    done = run_sweep("normalization", explode, out=out, log=lambda *_: None)
+    assert done["complete"]
+    rows = {r["cell"]: r for r in done["rows"]}
+    diverged = [c for c, r in rows.items() if r["diverged_at"] is not None]
+    assert diverged and len(diverged) < len(rows)
+    for cell in diverged:
+        assert rows[cell]["knn_top1"] is None  # no final kNN from a diverged network
+        assert json.loads((out / cell / "summary.json").read_text())["diverged"]
+    assert "diverged at" in (out / "results.md").read_text()
+    again = run_sweep("normalization", explode, out=out, log=lambda *_: None)  # recorded: not rerun
+    assert {r["cell"]: r["diverged_at"] for r in again["rows"]} == {c: r["diverged_at"] for c, r in rows.items()}

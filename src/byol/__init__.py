@@ -4,39 +4,35 @@
     model = BYOL(resnet("resnet50"), feature_dim=2048)
     loss, stats = model(view1, view2); loss.backward(); opt.step(); model.update_target(tau)
     encoder = byol.load_encoder("encoder.safetensors")      # after `byol export RUN --out ...`
+
+The names below load on first use: ``import byol`` (and ``byol --help``) does not import torch.
 """
-from byol.config import Config, ConfigError, load_config
-from byol.losses import regression_loss, symmetric_regression_loss
-from byol.models import BYOL, MLPHead, resnet
-from byol.optim import (
-    LARS,
-    build_optimizer,
-    cosine_tau,
-    excluded_from_decay_and_adaptation,
-    param_groups,
-    scaled_lr,
-    warmup_cosine_lr,
-)
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+_WHERE = {
+    "Config": "byol.config", "ConfigError": "byol.config", "load_config": "byol.config",
+    "regression_loss": "byol.losses", "symmetric_regression_loss": "byol.losses",
+    "BYOL": "byol.models", "MLPHead": "byol.models", "resnet": "byol.models",
+    "LARS": "byol.optim", "build_optimizer": "byol.optim", "cosine_tau": "byol.optim",
+    "excluded_from_decay_and_adaptation": "byol.optim", "param_groups": "byol.optim",
+    "scaled_lr": "byol.optim", "warmup_cosine_lr": "byol.optim",
+    "pretrain": "byol.train.loop", "load_encoder": "byol.export",
+}
 
-def pretrain(cfg, **kwargs):
-    """Run BYOL pretraining for a Config; see :func:`byol.train.loop.pretrain`."""
-    from byol.train.loop import pretrain as _pretrain
-
-    return _pretrain(cfg, **kwargs)
-
-
-def load_encoder(path, **kwargs):
-    """Load an exported encoder (safetensors) as an nn.Module; see :func:`byol.export.load_encoder`."""
-    from byol.export import load_encoder as _load_encoder
-
-    return _load_encoder(path, **kwargs)
+__all__ = sorted(_WHERE)
 
 
-__all__ = [
-    "BYOL", "Config", "ConfigError", "LARS", "MLPHead", "build_optimizer", "cosine_tau",
-    "excluded_from_decay_and_adaptation", "load_config", "load_encoder", "param_groups", "pretrain",
-    "regression_loss", "resnet", "scaled_lr", "symmetric_regression_loss", "warmup_cosine_lr",
-]
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'byol' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -42,7 +42,7 @@ class Data:
     bad_files: str = "skip"  # skip (count and list them) | fail (stop, naming the file)
     verify: str = "quick"  # quick (header/trailer check) | full (decode every file up front)
     # Images whose header declares more pixels are refused undecoded (decompression bombs);
-    # null: no limit. 250 MP is above a 200-MP phone photo (byol.data.decode.DEFAULT_MAX_PIXELS).
+    # null: no limit. 250 MP is above a 200-MP phone photo (byol.data.headers.DEFAULT_MAX_PIXELS).
     max_pixels: int | None = 250_000_000
     num_workers: int | None = None  # None: 0 on <= 2 cores, min(4, cores / 2) on the CPU, min(8, cores) on CUDA
     shapes_size: int = 4000  # images of the built-in "shapes" dataset

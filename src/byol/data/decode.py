@@ -1,66 +1,73 @@
 """Image files: a cheap structural check and a decoder to uint8 RGB tensors.
 
-``check_file`` reads a few bytes only (magic bytes + end marker, no decode), so it can run over a
-million files; ``decode_image`` uses torchvision.io where it can and PIL otherwise.
+``check_file`` reads a few bytes only (magic bytes, the header that holds the image size, the
+end marker; no decode), so it can run over a million files; ``decode_image`` uses torchvision.io
+where it can and PIL otherwise. Both read the header first (``byol.data.headers``) and refuse an
+image that declares more than ``max_pixels`` pixels (``data.max_pixels``) before anything is
+decoded; torchvision.io has no limit of its own, and PIL's bomb check is raised to that limit.
+
+The decoded image is the upright one (EXIF orientation applied, by torchvision.io for JPEG and
+PNG, by PIL for the rest; a WEBP with EXIF data goes to PIL, since torchvision.io ignores its
+orientation). An animated WEBP goes to PIL too (torchvision.io refuses those), which decodes its
+first frame. 16-bit images are scaled to 8 bits (v >> 8), not clipped; alpha is dropped; CMYK,
+grayscale, palette and 1-bit images become RGB.
 """
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torchvision.io
-from PIL import Image
+from PIL import Image, ImageOps
 
 from byol.data.errors import DataError
+from byol.data.headers import (DEFAULT_MAX_PIXELS, HEAD_BYTES, PIL_ERRORS, ImageHeader,
+                               allow_pil_pixels, header_kind, open_regular, os_reason, pil_why,
+                               pixel_limit_reason, read_header_from)
 
-# torchvision.io decodes JPEG/PNG/WEBP natively; these go straight to PIL instead of raising first.
-_PIL_ONLY_EXTENSIONS = (".bmp", ".tif", ".tiff")
+# Formats (by magic bytes) that torchvision.io decodes natively; the others go straight to PIL.
+_TORCHVISION_KINDS = ("jpeg", "png", "webp")
 # A JPEG or PNG may carry a little padding after its end marker; look this far back for it.
 _TAIL_BYTES = 1024
-_HEAD_BYTES = 16
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+# PIL modes of 16-bit grayscale images ("I" is what PIL used to open 16-bit PNGs as).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _header_kind(head: bytes) -> str | None:
-    """Image format named by the magic bytes at the start of a file, or None."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"BM"):
-        return "bmp"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "webp"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "tiff"
-    return None
-
-
-def check_file(path: str | os.PathLike) -> str | None:
+def check_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
     """Cheap structural check: None when ``path`` looks like a valid image, else a short reason.
 
-    Reads only the first 16 and the last 1 KiB bytes (no decode), so it is fast enough for a
-    million files; it catches empty files, non-images and the common truncated download
-    (JPEG without its FFD9 end-of-image marker, PNG without its IEND chunk). A file that passes
-    can still fail to decode; ImageFolderDataset handles that at load time.
+    Reads only the first bytes, the header with the image size and the last 1 KiB (no decode),
+    so it is fast enough for a million files; it catches empty files, non-images, files that
+    are not regular files or cannot be read, the common truncated download (JPEG without its
+    FFD9 end-of-image marker, PNG without its IEND chunk) and images of more than ``max_pixels``
+    pixels (None: no limit). A file that passes can still fail to decode; ImageFolderDataset
+    handles that at load time.
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return "empty file"
-        head = f.read(_HEAD_BYTES)
-        f.seek(max(0, size - _TAIL_BYTES))
-        tail = f.read(_TAIL_BYTES)
-    kind = _header_kind(head)
-    if kind is None:
-        return "not an image (unrecognised header)"
-    # Searching the whole last KiB (not just the last 2 bytes) tolerates zero/whitespace
-    # padding after the marker; FFD9 cannot occur inside entropy-coded data (FF is stuffed).
-    if kind == "jpeg" and b"\xff\xd9" not in tail:
-        return "truncated JPEG (no end-of-image marker)"
-    if kind == "png" and b"IEND" not in tail:
-        return "truncated PNG (no IEND chunk)"
-    return None
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return "empty file"
+            head = f.read(HEAD_BYTES)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read(_TAIL_BYTES)
+            kind = header_kind(head)
+            if kind is None:
+                return "not an image (unrecognised header)"
+            # Searching the whole last KiB (not just the last 2 bytes) tolerates zero/whitespace
+            # padding after the marker; FFD9 cannot occur inside entropy-coded data (FF is stuffed).
+            if kind == "jpeg" and b"\xff\xd9" not in tail:
+                return "truncated JPEG (no end-of-image marker)"
+            if kind == "png" and b"IEND" not in tail:
+                return "truncated PNG (no IEND chunk)"
+            return pixel_limit_reason(read_header_from(f, max_pixels), max_pixels)
+    except DataError as e:
+        return str(e)
+    except OSError as e:
+        return os_reason(e)
 
 
 def _to_rgb_uint8(img: torch.Tensor) -> torch.Tensor:
@@ -74,30 +81,80 @@ def _to_rgb_uint8(img: torch.Tensor) -> torch.Tensor:
     return img.contiguous()
 
 
-def _decode_pil(path: str | os.PathLike) -> torch.Tensor:
-    with Image.open(path) as im:
-        # convert("RGB") maps L, LA, P, RGBA, CMYK, ... to 3 channels (alpha is dropped,
-        # as torchvision's ImageReadMode.RGB does).
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation tag says (what torchvision.io's
+    apply_exif_orientation does); unchanged without a tag or with EXIF data PIL cannot read."""
+    try:
+        orientation = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block must not make a decodable image unusable
+        return im
+    return ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
 
 
-def decode_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor [3, H, W].
+def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image of any mode."""
+    im = _upright(im)
+    if im.mode in _SIXTEEN_BIT_MODES:
+        # convert("RGB") clips these at 255; scale them as the 16-bit PNGs of torchvision.io are.
+        gray = (np.clip(np.asarray(im), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        # Palette transparency: via RGBA, as PIL asks (and warns for every image otherwise).
+        return np.asarray(im.convert("RGBA"))[:, :, :3]
+    # convert("RGB") maps L, LA, 1, RGBA, CMYK, 16-bit RGB (high bytes), ... to 3 channels
+    # (alpha is dropped, as torchvision's ImageReadMode.RGB does).
+    return np.asarray(im.convert("RGB"))
 
-    torchvision.io for JPEG/PNG/WEBP (the fast path); PIL for BMP/TIFF and whenever
-    torchvision.io raises. Raises DataError naming the file when both decoders fail.
+
+def _decode_pil(f: BinaryIO, max_pixels: int | None) -> torch.Tensor:
+    allow_pil_pixels(max_pixels)
+    f.seek(0)
+    with Image.open(f) as im:
+        # The size PIL reads (the same header, parsed again) is held to the limit too.
+        reason = pixel_limit_reason(ImageHeader(None, *im.size), max_pixels)
+        if reason is not None:
+            raise DataError(reason)
+        arr = _pil_to_rgb(im)
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous()
+
+
+def _decode_torchvision(f: BinaryIO) -> torch.Tensor:
+    f.seek(0)
+    data = bytearray(os.fstat(f.fileno()).st_size)
+    n = f.readinto(data)
+    buf = torch.frombuffer(data, dtype=torch.uint8)[:n]
+    img = torchvision.io.decode_image(buf, mode=torchvision.io.ImageReadMode.RGB,
+                                      apply_exif_orientation=True)
+    return _to_rgb_uint8(img)
+
+
+def decode_image(path: str | os.PathLike,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor [3, H, W], upright (EXIF orientation applied).
+
+    The header is read first and an image of more than ``max_pixels`` pixels (None: no limit)
+    is refused before either decoder sees it. torchvision.io for JPEG/PNG/WEBP (the fast path);
+    PIL for BMP/TIFF and whenever torchvision.io raises. Raises DataError naming the file when
+    the file cannot be used or both decoders fail.
     """
     errors: list[str] = []
-    if not str(path).lower().endswith(_PIL_ONLY_EXTENSIONS):
-        try:
-            data = torchvision.io.read_file(str(path))
-            img = torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
-            return _to_rgb_uint8(img)
-        except (RuntimeError, ValueError, OSError) as e:
-            errors.append(str(e).strip() or type(e).__name__)
     try:
-        return _decode_pil(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        errors.append(str(e).strip() or type(e).__name__)
+        with open_regular(path) as f:
+            header = read_header_from(f, max_pixels)
+            reason = pixel_limit_reason(header, max_pixels)
+            if reason is not None:
+                raise DataError(reason)
+            if header.kind in _TORCHVISION_KINDS and not header.needs_pil:
+                try:
+                    return _decode_torchvision(f)
+                except (RuntimeError, ValueError, OSError) as e:
+                    errors.append(str(e).strip() or type(e).__name__)
+            try:
+                return _decode_pil(f, max_pixels)
+            except PIL_ERRORS as e:
+                errors.append(pil_why(e))
+    except DataError as e:
+        errors.append(str(e))
+    except OSError as e:
+        errors.append(os_reason(e))
     raise DataError(f"cannot decode image {path}: {errors[-1]}")

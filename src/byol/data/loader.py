@@ -129,7 +129,8 @@ def open_images(data: Data, path: str | None = None) -> Dataset:
     if not path:
         raise DataError("data.path: required when data.dataset=folder (or use data.dataset=shapes)")
     return ImageFolderDataset(
-        path, bad_files=data.bad_files, verify=data.verify, limit=data.limit, seed=data.seed
+        path, bad_files=data.bad_files, verify=data.verify, limit=data.limit, seed=data.seed,
+        max_pixels=data.max_pixels,
     )
 
 

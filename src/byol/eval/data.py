@@ -45,7 +45,8 @@ def labelled_folder(path: str, flag: str, cfg: Config, classes: list[str] | None
     """An ImageFolderDataset that must have class folders; with ``classes`` its labels are mapped
     onto that list (a test folder may hold a subset of the train folder's classes)."""
     try:
-        ds = ImageFolderDataset(path, bad_files=cfg.data.bad_files, verify=cfg.data.verify)
+        ds = ImageFolderDataset(path, bad_files=cfg.data.bad_files, verify=cfg.data.verify,
+                                max_pixels=cfg.data.max_pixels)
     except DataError as e:  # the folder's errors speak of data.path; here the user gave a flag
         raise DataError(str(e).replace("data.path", flag, 1)) from None
     if ds.labels is None:

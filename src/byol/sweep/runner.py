@@ -85,6 +85,7 @@ def run_sweep(name: str, overrides: list[str] | None = None, *, out: str | Path 
               log=print) -> dict:
     """Run (or finish) grid ``name``; returns {"rows", "interrupted", "outputs", "out"}."""
     from byol.cli import resolve_config_path
+    from byol.train.guard import TrainingDiverged
     from byol.train.loop import pretrain
 
     grid, user = get_grid(name), list(overrides or [])
@@ -114,13 +115,19 @@ def run_sweep(name: str, overrides: list[str] | None = None, *, out: str | Path 
             saved = read_yaml(cell_dir / "config.yaml")  # its own config, minus the last stop step
             saved["train"] = {k: v for k, v in (saved.get("train") or {}).items() if k != "max_steps"}
             session = [f"{k}={v}" for k, v in _parse(user).items() if k in SESSION_KEYS]
-            result = pretrain(config_from_dict(apply_overrides(saved, session)), resume=cell_dir)
+            cell_cfg, resume_dir = config_from_dict(apply_overrides(saved, session)), cell_dir
         else:
-            result = pretrain(configs[cell.label], stem=cell.label)
+            cell_cfg, resume_dir = configs[cell.label], None
+        try:
+            result = pretrain(cell_cfg, resume=resume_dir, stem=cell.label)
+        except TrainingDiverged as e:  # an outcome of the grid (e.g. no normalisation), not a crash
+            result = e.result
+            log(f"  {cell.label}: diverged at step {result.diverged['step']} (non-finite "
+                f"{result.diverged['what']}); recorded as such")
         record["wall_s"] += time.time() - t0
         t0 = time.time()
         (out / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
-        if not result.finished:
+        if not result.finished and result.diverged is None:
             interrupted = result.interrupted
             log(f"  {cell.label} stopped at step {result.step}; rerun the same command to continue")
             if interrupted:

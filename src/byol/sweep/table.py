@@ -14,7 +14,7 @@ from byol.report.rundata import load_run
 from byol.sweep.grids import Cell, Grid
 
 COLUMNS = ("cell", "settings", "knn_top1", "knn_init_top1", "knn_gain", "z_std", "z_rank", "y_rank",
-           "collapsed", "steps", "train_s")
+           "collapsed", "diverged_at", "steps", "train_s")
 
 
 def _top1(path: Path) -> float | None:
@@ -36,6 +36,7 @@ def result_row(grid: Grid, cell: Cell, cell_dir: Path) -> dict:
         "knn_gain": knn - init if knn is not None and init is not None else None,
         **last,
         "collapsed": bool(run.summary.get("collapsed")),
+        "diverged_at": run.summary.get("diverged_at_step"),  # a non-finite loss stopped it there
         "steps": run.last_step, "train_s": run.wall_time()[0],
         "series": cell.series, "x": cell.x,
     }
@@ -60,12 +61,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("cell", "settings", "kNN top-1", "random init", "gain", "z_std", "rank(z)", "rank(y)",
-              "collapsed", "steps", "train s")
+              "collapsed", "diverged at", "steps", "train s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = (r["cell"], f"`{r['settings']}`", fmt(r["knn_top1"]), fmt(r["knn_init_top1"]),
                  fmt(r["knn_gain"]), fmt(r["z_std"], 3), fmt(r["z_rank"], 1), fmt(r["y_rank"], 1),
-                 fmt(r["collapsed"]), fmt(r["steps"]), fmt(r["train_s"], 0))
+                 fmt(r["collapsed"]), fmt(r.get("diverged_at")), fmt(r["steps"]), fmt(r["train_s"], 0))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ from byol.train.monitors import Monitors, final_eval, make_probe, progress_postf
 from byol.train.runtime import StopFlag, resolve_device
 from byol.train.setup import apply_runtime, build_model_and_optimizer
 from byol.train.step import train_step
+from byol.train.threads import make_governor
 
 
 @dataclass
@@ -244,6 +245,7 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, guard
     device_views = DeviceViews(cfg.augment, cfg.train.seed) if cfg.augment.backend == "batched" else None
     t_start, t_log, n_log = time.time(), time.time(), 0
     stopping = False
+    governor = make_governor(cfg.train.threads, device)  # fewer threads beside a busy process
 
     def diverged(bad: tuple[int, str] | None) -> bool:
         """Record a guard reading that found a problem: the log row, result.diverged."""
@@ -291,12 +293,18 @@ def _train(cfg, state, data, run_dir, device, precision, monitors, result, guard
                     state.step_in_epoch += 1
                     n_log += batch
                     bar.update(1)
+                    if governor is not None and governor.tick() is not None and distributed.is_main():
+                        tqdm.write(f"byol: other processes keep {governor.other_cores:.1f} CPU cores busy: "
+                                   f"{governor.threads} of {governor.max_threads} threads from step "
+                                   f"{state.step}", file=sys.stderr)
                     if (state.step % cfg.train.log_every == 0 or monitors.wants_row(state.step)
                             or state.step == stop_at):
                         now = time.time()
                         stats = distributed.all_reduce_mean(stats)  # the mean over ranks, for the log
                         row = {k: float(v) for k, v in stats.items()}  # the only host sync
                         row.update(lr=lr, tau=tau, epoch=state.epoch, images_per_s=n_log / (now - t_log))
+                        if governor is not None:
+                            row["threads"] = governor.threads
                         row.update(monitors.log_values(state.step, row))
                         logger.log(state.step, row)
                         bar.set_postfix(progress_postfix(row, lr, tau), refresh=False)
