@@ -8,7 +8,7 @@ median time per batch. ``--compare`` runs each in a fresh subprocess, alternatin
 and ends with a line of ratios batched/other (> 1: batched is faster), median and best round.
 
 What is timed: turning ``--batch`` decoded images into the two view batches [B, 3, S, S] that
-the step consumes, the full T and T' of PAPER.md §3 (crop, flip, jitter in random order,
+the step consumes, the full T and T' of docs/method.md §3 (crop, flip, jitter in random order,
 grayscale, blur, solarize, normalise; ``augment.preset=byol`` at ``--size``). Decoding is done
 before timing for all three (uint8 tensors for ours, PIL images for lightly, which takes PIL).
 
@@ -53,7 +53,8 @@ def load_images(data: str | None, n: int, seed: int) -> list[torch.Tensor]:
 def build(impl: str, size: int, seed: int):
     """-> (inputs converter, batch function: list of inputs -> (v1 [B,3,S,S], v2 [B,3,S,S]))."""
     from byol.config import Augment
-    from byol.data.loader import DeviceViews, make_views
+    from byol.data.pipeline import DeviceViews
+    from byol.data.transforms import make_views
 
     if impl == "batched":
         aug = Augment(preset="byol", size=size, backend="batched")

@@ -38,10 +38,10 @@ def _state(backbone: str) -> dict:
     model = BYOL(encoder, feature_dim=encoder.feature_dim)
     opt = LARS(param_groups(model, weight_decay=1.5e-6), lr=0.1)
     x = torch.rand(4, 3, 64, 64)
-    loss, _ = model(x, x.flip(-1))
+    loss = model(x, x.flip(-1)).loss
     loss.backward()
     opt.step()  # momentum buffers exist, as in any checkpoint after step 1
-    return TrainState(model, opt, step=1, extra={"config": {}, "elapsed": 0.0}).state_dict()
+    return TrainState(model, opt, step=1).state_dict()
 
 
 def _plain_save(sd: dict, folder: Path) -> None:

@@ -28,14 +28,13 @@ import torch
 
 
 def _config(args, extra: list[str]):
-    from byol.cli import resolve_config_path
-    from byol.config import load_config
+    from byol.config import load_config, resolve_config_path
     return load_config(resolve_config_path(args.config), [*args.overrides, *extra])
 
 
 def model_only(args) -> dict:
-    from byol.train.setup import apply_runtime, build_model_and_optimizer
-    from byol.train.runtime import resolve_device
+    from byol.train.runtime import apply_runtime, resolve_device
+    from byol.train.setup import build_model_and_optimizer
     from byol.train.step import train_step
 
     cfg = _config(args, [])
@@ -52,7 +51,7 @@ def model_only(args) -> dict:
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        stats, _ = train_step(model, opt, v1, v2, lr=0.01, tau=0.99, precision=precision, return_outputs=True)
+        stats, _ = train_step(model, opt, v1, v2, lr=0.01, tau=0.99, precision=precision)
         if (i + 1) % cfg.train.log_every == 0:
             float(stats["loss"])  # the loop's one host sync per log row
         if device.type == "cuda":
@@ -63,7 +62,7 @@ def model_only(args) -> dict:
 
 
 def end_to_end(args) -> dict:
-    from byol.train.loop import pretrain
+    from byol.train.pretrain import pretrain
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(args, [f"train.max_steps={args.warmup + args.steps}", f"train.out_dir={tmp}",

@@ -62,6 +62,7 @@ def build_ours(batch: int, channels_last: bool = True, precision: str | None = N
     train section's defaults (channels_last, precision, allocator), unless overridden."""
     from byol.config.sections import Method, Optim, Train
     from byol.models.byol import BYOL
+    from byol.models.heads import MLPHead
     from byol.optim import build_optimizer, cosine_tau, scaled_lr, warmup_cosine_lr
     from byol.train.runtime import resolve_precision, tune_cpu_allocator
     from byol.train.step import train_step
@@ -70,7 +71,7 @@ def build_ours(batch: int, channels_last: bool = True, precision: str | None = N
     precision = resolve_precision(precision or tc.precision, torch.device("cpu"))
     if tc.malloc_tuning if malloc_tuning is None else malloc_tuning:
         tune_cpu_allocator()
-    model = BYOL(encoder(), FEATURES, projector_hidden=HIDDEN, projector_out=OUT, predictor_hidden=HIDDEN)
+    model = BYOL(encoder(), FEATURES, projector=MLPHead(FEATURES, HIDDEN, OUT), predictor=MLPHead(OUT, HIDDEN, OUT))
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # train.channels_last
     model = model.to(memory_format=fmt).train()
     opt = build_optimizer(oc.name, model, lr=0.0, weight_decay=oc.weight_decay, momentum=oc.momentum,
@@ -81,7 +82,7 @@ def build_ours(batch: int, channels_last: bool = True, precision: str | None = N
         v1, v2 = (v.contiguous(memory_format=fmt) for v in (v1, v2))
         lr = warmup_cosine_lr(i, TOTAL_STEPS, TOTAL_STEPS // 10, peak)
         train_step(model, opt, v1, v2, lr=lr, tau=cosine_tau(i, TOTAL_STEPS, mc.tau_base),
-                   precision=precision, return_outputs=True)
+                   precision=precision)
     step.precision = precision  # for the JSON record
     return step
 

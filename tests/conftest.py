@@ -66,11 +66,14 @@ def image_folder(tmp_path) -> Path:
     return write_shapes_folder(tmp_path / "images")
 
 
-def tiny_byol(**kwargs):
+def tiny_byol(predictor: bool = True, **parts):
     """A BYOL around a linear encoder of 4x4 images (no batch norm anywhere), seeded: the same
-    weights for every call with the same arguments."""
-    from byol.models.byol import BYOL
+    weights for every call with the same arguments. ``parts``: BYOL's target, loss, queue, ...;
+    ``predictor=False`` drops q."""
+    from byol.models import BYOL, MLPHead
 
     torch.manual_seed(0)
     enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
-    return BYOL(enc, 8, projector_hidden=16, projector_out=8, predictor_hidden=16, **kwargs)
+    projector = MLPHead(8, 16, 8)
+    return BYOL(enc, 8, projector=projector,
+                predictor=MLPHead(8, 16, 8) if predictor else torch.nn.Identity(), **parts)

@@ -1,14 +1,14 @@
 """The Python API as the README shows it: a hand-written loop over BYOL, LARS and the schedules."""
 import torch
 
-from byol import BYOL, LARS, cosine_tau, param_groups, resnet, scaled_lr, warmup_cosine_lr
+from byol import BYOL, LARS, MLPHead, cosine_tau, param_groups, resnet, scaled_lr, warmup_cosine_lr
 
 
 def test_readme_loop_trains_online_and_moves_target():
     torch.manual_seed(0)
     encoder = resnet("resnet18", width=0.125, cifar_stem=True)
-    model = BYOL(encoder, feature_dim=encoder.feature_dim, projector_hidden=32, projector_out=16,
-                 predictor_hidden=32)
+    model = BYOL(encoder, feature_dim=encoder.feature_dim, projector=MLPHead(encoder.feature_dim, 32, 16),
+                 predictor=MLPHead(16, 32, 16))
     opt = LARS(param_groups(model, weight_decay=1.5e-6), lr=0.0)
     online0 = [p.detach().clone() for p in model.online_parameters()]
     target0 = [p.detach().clone() for p in model.target_parameters()]
@@ -19,7 +19,8 @@ def test_readme_loop_trains_online_and_moves_target():
         view2 = x + 0.1 * torch.randn_like(x)
         for g in opt.param_groups:
             g["lr"] = warmup_cosine_lr(step, total, 1, scaled_lr(2.0, 16))
-        loss, stats = model(view1, view2)
+        out = model(view1, view2)
+        loss = out.loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,4 +1,4 @@
-"""augment.ablation: the augmentation sets of the paper's ablation (PAPER.md §7) as one key."""
+"""augment.ablation: the augmentation sets of the paper's ablation (docs/method.md §7) as one key."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from byol.config import load_config
 from byol.config.sections import ConfigError
-from byol.data.loader import DeviceViews
+from byol.data.pipeline import DeviceViews
 
 
 def _aug(*extra):

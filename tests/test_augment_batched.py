@@ -245,7 +245,7 @@ def test_generator_controls_the_draws():
 
 
 def test_views_t_and_t_prime_probabilities():
-    # PAPER.md §3: blur 1.0 in T vs 0.1 in T'; solarize never in T vs 0.2 in T'.
+    # docs/method.md §3: blur 1.0 in T vs 0.1 in T'; solarize never in T vs 0.2 in T'.
     t1, t2 = byol_view_specs(32)
     p1 = BatchedPhotometric(t1).sample_params(N, gen(0))
     p2 = BatchedPhotometric(t2).sample_params(N, gen(1))

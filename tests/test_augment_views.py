@@ -1,4 +1,4 @@
-"""The reference augmentation path (PAPER.md §3): shapes, reference values, and the rates and
+"""The reference augmentation path (docs/method.md §3): shapes, reference values, and the rates and
 per-call randomness of every step, measured on tiny generated images.
 
 Rates are checked against the binomial standard deviation: |rate - p| < 5 sigma with
@@ -109,7 +109,7 @@ def test_normalisation_reference_values():
 
 
 def test_solarize_reference_values():
-    # x <- 1 - x where x >= 0.5 (PAPER.md §3), on the float [0, 1] image: 128/255 flips, 127 not.
+    # x <- 1 - x where x >= 0.5 (docs/method.md §3), on the float [0, 1] image: 128/255 flips, 127 not.
     ramp = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, 16, 16).contiguous()
     out = denormalize(view_transform(replace(PLAIN, solarize_prob=1.0))(ramp))
     x = ramp.float() / 255
@@ -172,7 +172,7 @@ def test_crop_box_distribution():
     area = torch.tensor([b["height"] * b["width"] / 1e4 for b in boxes])
     ratio = torch.tensor([b["width"] / b["height"] for b in boxes])
     assert len({tuple(b.values()) for b in boxes}) > 450
-    # Bounds of PAPER.md §3 (slack for the rounding of w and h to whole pixels).
+    # Bounds of docs/method.md §3 (slack for the rounding of w and h to whole pixels).
     assert area.min() >= 0.07 and area.max() <= 1.0 and area.min() < 0.15 and area.max() > 0.9
     assert ratio.min() >= 0.7 and ratio.max() <= 1.4
 
@@ -209,7 +209,7 @@ def test_dataloader_batch_has_per_sample_parameters():
     assert ((v1 - v2_).flatten(1).abs().amax(1) > 1e-3).all()
 
 
-# --- rates of the random steps (PAPER.md §3 table) ----------------------------------------
+# --- rates of the random steps (docs/method.md §3 table) ----------------------------------------
 
 def count(transform, img, predicate, n=N_DRAWS) -> int:
     return sum(bool(predicate(denormalize(transform(img)))) for _ in range(n))
@@ -343,7 +343,7 @@ def test_eval_transform_shape_and_determinism():
 
 
 def test_eval_transform_reference_values():
-    # 224 of 256 (PAPER.md §5): a 256x256 image is not resized, only centre-cropped.
+    # 224 of 256 (docs/method.md §5): a 256x256 image is not resized, only centre-cropped.
     torch.manual_seed(0)
     img = noise(256, 256)
     expected = view_transform(PLAIN)  # normalise only

@@ -15,7 +15,7 @@ from byol.data.errors import DataError
 from byol.eval.cache import cache_key, cached_features
 from byol.train import checkpoint
 from byol.train.checkpoint import (CheckpointWriteError, load_checkpoint, load_newest, save_checkpoint)
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 
 from conftest import TINY, write_shapes_folder
 
@@ -208,3 +208,20 @@ def test_a_pickle_in_the_feature_cache_is_never_run(tmp_path):
     assert not out.hit and out.features.shape == (4, 5)  # recomputed, and the file replaced
     assert not marker.exists()
     assert cached_features(encoder, data, cache_dir=cache, key_parts=parts).hit
+
+
+def test_an_unreadable_checkpoint_is_not_taken_for_damage(tmp_path, monkeypatch):
+    ckpt = tmp_path / "checkpoints"
+    save_checkpoint(_state(2), ckpt)
+    save_checkpoint(_state(4), ckpt)
+    real_load = torch.load
+
+    def io_error(f, *args, **kwargs):  # the disk (or the network) fails while reading last.pt
+        if str(f).endswith("last.pt") and not kwargs.get("mmap"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", io_error)
+    with pytest.raises(DataError, match="cannot read .*last.pt: Input/output error"):
+        load_newest(tmp_path)  # no silent fall back to previous.pt past an intact last.pt
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt", "previous.pt"]

@@ -1,4 +1,4 @@
-"""DDP with the gloo backend on the CPU, 2 processes (DESIGN.md "Distribution").
+"""DDP with the gloo backend on the CPU, 2 processes (README "Many GPUs and nodes").
 
 - one DDP step with global batch B == one single-process step with batch B (a model without
   batch statistics, so the per-rank halves see exactly what one process sees);
@@ -17,9 +17,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from byol import BYOL, LARS, param_groups
+from byol.losses import InfoNCELoss
+from byol.models import MLPHead, NegativeQueue, OnlineTarget
 from byol import distributed
 from byol.config import load_config
-from byol.data.loader import ResumableSampler
+from byol.data.sampler import ResumableSampler
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
 from byol.train.step import train_step
 
@@ -41,19 +43,24 @@ def _env(rank: int, port: int) -> None:
 
 
 # BYOL; SimCLR's NT-Xent with negatives from both views of the *global* batch; MoCo's queue.
+# Each kind: the model's parts, given the gathers (None in one process).
 KINDS = {
-    "byol": {},
-    "simclr": dict(predictor=False, target="online", loss="infonce", alpha=0.5, beta=1.0),
-    "moco": dict(predictor=False, loss="infonce", alpha=0.5, beta=1.0, queue_size=24),  # 32 keys: 8 evicted
+    "byol": lambda batch, keys: {},
+    "simclr": lambda batch, keys: dict(target=OnlineTarget(),
+                                       loss=InfoNCELoss(alpha=0.5, beta=1.0, gather=batch)),
+    "moco": lambda batch, keys: dict(loss=InfoNCELoss(alpha=0.5, beta=1.0, gather=batch),
+                                     queue=NegativeQueue(24, 8, gather=keys)),  # 32 keys: 8 evicted
 }
 
 
 def _mlp_byol(kind: str = "byol") -> BYOL:
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU())
-    gather = distributed.gather_with_grad if distributed.world_size() > 1 else None
-    return BYOL(encoder, 16, projector_hidden=32, projector_out=8, predictor_hidden=32, head_norm="none",
-                gather=gather, **KINDS[kind])
+    ddp = distributed.world_size() > 1
+    projector = MLPHead(16, 32, 8, "none")
+    predictor = MLPHead(8, 32, 8, "none") if kind == "byol" else nn.Identity()
+    parts = KINDS[kind](distributed.gather_with_grad if ddp else None, distributed.gather if ddp else None)
+    return BYOL(encoder, 16, projector=projector, predictor=predictor, **parts)
 
 
 def _views(batch: int):
@@ -120,7 +127,7 @@ def _cfg(tmp_path, name, *extra):
 
 
 def _pretrain_worker(rank: int, port: int, runs: list) -> None:
-    from byol.train.loop import pretrain
+    from byol.train.pretrain import pretrain
 
     _env(rank, port)
     try:

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from byol.config import load_config
 from byol.data.decode import decode_image
 from byol.data.errors import DataError
-from byol.eval.commands import load_run
+from byol.eval.commands import load_checkpoint_run
 from byol.embed import embed_folder, encoder_transform
 from byol.export import export_encoder, load_encoder, save_encoder
 from byol.models.backbones import resnet
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 
 from conftest import TINY, add_bad_files, write_shapes_folder
 
@@ -58,7 +58,7 @@ def _marker_pickle(marker):
 
 def test_exported_encoder_gives_the_checkpoint_online_features(run_dir, exported):
     path, info = exported
-    loaded = load_run(run_dir)
+    loaded = load_checkpoint_run(run_dir)
     model, ckpt = loaded.model, loaded.checkpoint
     online = model.encoder.eval()
     loaded = load_encoder(path)
@@ -81,7 +81,7 @@ def test_exported_encoder_gives_the_checkpoint_online_features(run_dir, exported
 def test_file_is_safetensors_with_exactly_the_encoder_tensors(run_dir, exported):
     path, _ = exported
     header = _header(path)
-    model = load_run(run_dir).model
+    model = load_checkpoint_run(run_dir).model
     assert set(header) - {"__metadata__"} == set(model.encoder.state_dict())
     assert not any(k.startswith(("projector", "predictor", "target")) for k in header)
     assert json.loads(header["__metadata__"]["byol_encoder"])["format"] == "byol-encoder"
@@ -120,7 +120,7 @@ def _torch_save_bytes(payload):
 
 
 def test_which_target_exports_the_ema_encoder(run_dir, tmp_path):
-    model = load_run(run_dir).model
+    model = load_checkpoint_run(run_dir).model
     info = export_encoder(run_dir, tmp_path / "t.safetensors", which="target")
     loaded = load_encoder(tmp_path / "t.safetensors")
     assert info["which"] == "target"

@@ -1,4 +1,4 @@
-"""Supervised protocols of PAPER.md §5: label subsets, the frozen/fine-tuned classifier loop and
+"""Supervised protocols of docs/method.md §5: label subsets, the frozen/fine-tuned classifier loop and
 the `eval linear --protocol paper` / `eval finetune` commands on a tiny pretraining run."""
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from torch.utils.data import Dataset
 from byol.config import load_config
 from byol.data.errors import DataError
 from byol.augment.views import eval_transform
-from byol.data.loader import Transformed
+from byol.data.seeded import SeededSamples
+from byol.data.sources import Transformed
 from byol.eval.data import eval_splits, sample_ids, sample_labels
 from byol.eval.finetune import (finetune_command, label_subset, load_subset, paper_linear_command,
                                 save_subset)
-from byol.eval.supervised import SeededSamples, train_classifier, train_transform
+from byol.eval.supervised import train_classifier, train_transform
 from byol.models.backbones import resnet
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 
 from conftest import TINY, write_shapes_folder
 

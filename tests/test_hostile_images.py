@@ -27,7 +27,9 @@ from byol.data.decode import check_file, decode_image
 from byol.data.errors import DataError
 from byol.data.folder import ImageFolderDataset, scan_folder, write_skipped
 from byol.data.headers import DEFAULT_MAX_PIXELS, read_header
-from byol.data.loader import DeviceViews, make_eval_transform, make_views, open_images
+from byol.data.pipeline import DeviceViews
+from byol.data.sources import open_images
+from byol.data.transforms import make_eval_transform, make_views
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -683,3 +685,19 @@ def test_two_links_to_one_folder_find_it_under_the_first_name(tmp_path, monkeypa
     index = scan_folder(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in index.files] == ["cats/1.png"]
     assert index.classes == ("cats",)
+
+
+def test_no_pil_plugin_outside_the_scanned_formats_ever_opens_a_file(tmp_path, monkeypatch):
+    # An EPS file named like a JPEG: PIL's EPS plugin would run Ghostscript to decode it.
+    from PIL import EpsImagePlugin
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    path = tmp_path / "poster.jpg"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(DataError, match="poster.jpg"):
+        decode_image(path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "fine.png")
+    ds = ImageFolderDataset(tmp_path, verify="full")  # no magic-byte filter up front
+    assert ds.skipped and ds.skipped[0][0].endswith("poster.jpg")
+    assert opened == []

@@ -1,4 +1,4 @@
-"""Weighted kNN (PAPER.md §5) against hand-computed votes."""
+"""Weighted kNN (docs/method.md §5) against hand-computed votes."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""LARS against the naive per-parameter formula of PAPER.md §4, and the exclusion filter."""
+"""LARS against the naive per-parameter formula of docs/method.md §4, and the exclusion filter."""
 from __future__ import annotations
 
 import copy
@@ -33,7 +33,7 @@ def set_grads(model: nn.Module, seed: int) -> None:
 
 
 def naive_lars_step(params_adapt, bufs, lr=LR, momentum=MOMENTUM, eta=ETA):
-    """PAPER.md §4 written out one parameter at a time, in plain Python.
+    """docs/method.md §4 written out one parameter at a time, in plain Python.
 
     ``params_adapt`` is a list of (param, weight_decay, adapt); ``bufs`` maps id -> trace (0 first).
     """
@@ -224,7 +224,7 @@ def test_cuda_matches_cpu(dtype):
         torch.testing.assert_close(p.cpu(), q, rtol=tol, atol=tol)
 
 
-# --- the exclusion filter (STYLE.md rule 7) ---------------------------------------------------
+# --- the exclusion filter ---------------------------------------------------
 
 def test_exclusion_on_resnet50():
     model = torchvision.models.resnet50()

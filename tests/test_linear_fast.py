@@ -17,7 +17,7 @@ from byol.data.errors import DataError
 from byol.eval.cache import cached_features
 from byol.eval.knn import accuracy
 from byol.eval.linear import fast_linear_command, fit_linear
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 from byol.train.checkpoint import atomic_save, find_checkpoint, load_checkpoint
 
 from conftest import TINY, write_shapes_folder

@@ -9,7 +9,8 @@ from byol.config import apply_overrides, config_from_dict, load_config
 from byol.config.sections import ConfigError
 from byol.export import export_encoder, load_encoder
 from byol.losses import symmetric_regression_loss
-from byol.train.loop import pretrain
+from byol.models import OnlineTarget, StopGradTarget
+from byol.train.pretrain import pretrain
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
 
 from conftest import TINY, tiny_byol
@@ -42,8 +43,8 @@ def test_presets_fill_what_the_config_does_not_set():
 
 def test_simsiam_stops_the_gradient_on_the_projection_branch_only():
     v1, v2 = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
-    model = tiny_byol(target="online_stopgrad")
-    loss, _ = model(v1, v2)
+    model = tiny_byol(target=StopGradTarget())
+    loss = model(v1, v2).loss
     grads = torch.autograd.grad(loss, list(model.encoder.parameters()))
     # by hand: z' = the online projection, detached; p = q(z) keeps its graph
     z1, z2 = model.projector(model.encoder(v1)), model.projector(model.encoder(v2))
@@ -51,8 +52,8 @@ def test_simsiam_stops_the_gradient_on_the_projection_branch_only():
     expected = torch.autograd.grad(manual, list(model.encoder.parameters()))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, expected))
     # without the stop-gradient the same weights give other gradients (both branches)
-    free = tiny_byol(target="online")
-    free_loss, _ = free(v1, v2)
+    free = tiny_byol(target=OnlineTarget())
+    free_loss = free(v1, v2).loss
     other = torch.autograd.grad(free_loss, list(free.encoder.parameters()))
     assert torch.allclose(loss, free_loss)
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, other))
@@ -77,7 +78,7 @@ def test_preset_trains_checkpoints_and_resumes_exactly(tmp_path, name):
     b = load_checkpoint(find_checkpoint(done.run_dir))
     assert yaml.safe_load((full.run_dir / "config.yaml").read_text())["method"]["name"] == name
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    # the evaluation path (byol eval / export load the run through eval.commands.load_run)
+    # the evaluation path (byol eval / export load the run through eval.commands.load_checkpoint_run)
     enc = load_encoder(export_encoder(full.run_dir, tmp_path / f"{name}.safetensors")["out"])
     assert all(torch.equal(v, a["model"][f"encoder.{k}"]) for k, v in enc.state_dict().items())
     if name == "moco":  # the queue is in the checkpoint: full, and restored on resume (equal above)
@@ -98,3 +99,29 @@ def test_projector_and_predictor_norms_are_set_independently():
     assert norms("model.head_norm=none", "model.predictor_norm=bn") == ("Identity", "BatchNorm1d")
     with pytest.raises(ConfigError, match="model.predictor_norm"):
         load_config(None, ["model.predictor_norm=group"])
+
+
+TARGET_NETWORKS = ["target_encoder", "target_projector"]
+
+
+@pytest.mark.parametrize("name,target,loss,parts", [
+    ("byol", "EMATarget", "RegressionLoss", ["encoder", "projector", "predictor", *TARGET_NETWORKS]),
+    ("simsiam", "StopGradTarget", "RegressionLoss", ["encoder", "projector", "predictor"]),
+    ("simclr", "OnlineTarget", "InfoNCELoss", ["encoder", "projector"]),
+    ("moco", "EMATarget", "InfoNCELoss", ["queue", "encoder", "projector", *TARGET_NETWORKS]),
+])
+def test_every_preset_is_assembled_from_its_parts_under_the_checkpoint_names(name, target, loss, parts):
+    """Checkpoints, exports and load_encoder read these state-dict names: the parts in this order,
+    the target's networks named like the online ones, the queue's three buffers."""
+    from byol.models.build import build_model
+
+    m = build_model(load_config(None, [*TINY, f"method.name={name}"]))
+    assert (type(m.target).__name__, type(m.loss).__name__) == (target, loss)
+    sd = m.state_dict()
+    assert list(dict.fromkeys(k.split(".")[0] for k in sd)) == parts
+    online = [k for k in sd if k.startswith(("encoder.", "projector."))]
+    if "target_encoder" in parts:
+        assert [k for k in sd if k.startswith("target_")] == [f"target_{k}" for k in online]
+        assert all(sd[f"target_{k}"].shape == sd[k].shape for k in online)
+    queue = ["queue.keys", "queue.ptr", "queue.count"] if name == "moco" else []
+    assert [k for k in sd if k.startswith("queue.")] == queue

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from byol import LARS, param_groups
 from byol.config import load_config
 from byol.config.sections import ConfigError
-from byol.losses import symmetric_infonce_loss
+from byol.losses import InfoNCELoss, symmetric_infonce_loss
 from byol.models.queue import NegativeQueue
 from byol.train.step import train_step
 
@@ -36,7 +36,7 @@ def test_queue_is_fifo_and_overwrites_the_oldest():
 
 
 def test_queue_holds_the_target_projections_of_the_step_without_gradient():
-    model = tiny_byol(predictor=False, loss="infonce", beta=1.0, alpha=0.2, queue_size=16)
+    model = tiny_byol(predictor=False, loss=InfoNCELoss(alpha=0.2, beta=1.0), queue=NegativeQueue(16, 8))
     g = torch.Generator().manual_seed(0)
     v1, v2 = torch.randn(4, 3, 4, 4, generator=g), torch.randn(4, 3, 4, 4, generator=g)
     with torch.no_grad():  # the target's keys before the step (the EMA moves it after)
@@ -51,9 +51,9 @@ def test_queue_holds_the_target_projections_of_the_step_without_gradient():
     assert "queue.keys" in model.state_dict() and "queue.keys" not in dict(model.named_parameters())
     # the loss reads the queue: the same batch gives another loss with the queue emptied
     with torch.no_grad():
-        filled, _ = model(v1, v2)
+        filled = model(v1, v2).loss
         model.queue.count.zero_()
-        empty, _ = model(v1, v2)
+        empty = model(v1, v2).loss
     assert torch.allclose(empty, torch.tensor(4.0))  # no negatives: 2 per direction exactly
     assert not torch.allclose(filled, empty)
 

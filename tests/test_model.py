@@ -1,4 +1,4 @@
-"""BYOL module, loss and backbones against analytic values (PAPER.md §1-2)."""
+"""BYOL module, loss and backbones against analytic values (docs/method.md §1-2)."""
 import math
 
 import pytest
@@ -7,13 +7,14 @@ import torchvision
 from torch import nn
 
 from byol.losses import regression_loss, symmetric_regression_loss
-from byol.models import BYOL, MLPHead, normalized_std, resnet
+from byol.models import BYOL, EMATarget, MLPHead, OnlineTarget, StopGradTarget, normalized_std, resnet
 
 
 def tiny_byol(**kw) -> BYOL:
     torch.manual_seed(0)
     enc = resnet("resnet18", width=0.125, cifar_stem=True)
-    return BYOL(enc, enc.feature_dim, projector_hidden=32, projector_out=16, predictor_hidden=32, **kw)
+    projector = MLPHead(enc.feature_dim, 32, 16)
+    return BYOL(enc, enc.feature_dim, projector=projector, predictor=MLPHead(16, 32, 16), **kw)
 
 
 def test_loss_of_known_vectors():
@@ -39,7 +40,8 @@ def test_symmetric_loss_is_the_sum_of_both_directions():
 def test_forward_loss_matches_manual_computation():
     model = tiny_byol()
     v1, v2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
-    loss, stats = model(v1, v2)
+    out = model(v1, v2)
+    loss, stats = out.loss, out.stats
     # recompute by hand; BN in train mode uses per-view batch statistics, so per view is exact
     p1 = model.predictor(model.projector(model.encoder(v1)))
     p2 = model.predictor(model.projector(model.encoder(v2)))
@@ -53,7 +55,7 @@ def test_forward_loss_matches_manual_computation():
 
 def test_no_gradient_reaches_the_target():
     model = tiny_byol()
-    loss, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    loss = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)).loss
     loss.backward()
     assert all(not p.requires_grad and p.grad is None for p in model.target_parameters())
     online = [*model.encoder.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
@@ -61,7 +63,7 @@ def test_no_gradient_reaches_the_target():
 
 
 def test_target_initialisation_independent_or_copy():
-    indep, copy = tiny_byol(), tiny_byol(target_init="copy")
+    indep, copy = tiny_byol(), tiny_byol(target=EMATarget(independent=False))
     same = [torch.equal(a, b) for a, b in zip(indep.online_parameters(), indep.target_parameters())]
     conv_weights_equal = [
         torch.equal(a, b)
@@ -121,16 +123,16 @@ def test_target_sees_each_view_separately():
     v1, v2 = torch.randn(4, 3, 16, 16), 3 + torch.randn(4, 3, 16, 16)
     sep, cat = tiny_byol(), tiny_byol(concat_views=True)
     cat.load_state_dict(sep.state_dict())
-    l_sep, _ = sep(v1, v2)
-    l_cat, _ = cat(v1, v2)
+    l_sep = sep(v1, v2).loss
+    l_cat = cat(v1, v2).loss
     assert not torch.allclose(l_sep, l_cat)
 
 
 def test_simsiam_and_no_stopgrad_variants_have_no_target_network():
-    for mode in ("online_stopgrad", "online"):
-        model = tiny_byol(target=mode)
+    for target in (StopGradTarget(), OnlineTarget()):
+        model = tiny_byol(target=target)
         assert model.target_parameters() == []
-        loss, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+        loss = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)).loss
         loss.backward()
         model.update_target(0.5)  # a no-op, not an error
 
@@ -170,8 +172,8 @@ def test_width_multiplier_and_cifar_stem():
 
 def test_any_user_backbone_works():
     backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = BYOL(backbone, 8, projector_hidden=16, projector_out=8, predictor_hidden=16)
-    loss, _ = model(torch.randn(4, 3, 12, 12), torch.randn(4, 3, 12, 12))
+    model = BYOL(backbone, 8, projector=MLPHead(8, 16, 8), predictor=MLPHead(8, 16, 8))
+    loss = model(torch.randn(4, 3, 12, 12), torch.randn(4, 3, 12, 12)).loss
     loss.backward()
     assert not torch.equal(model.encoder[0].weight, model.target_encoder[0].weight)
 

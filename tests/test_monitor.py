@@ -13,7 +13,7 @@ import torch
 
 from byol.config import load_config
 from byol.eval.monitor import CollapseDetector, OnlineLinear, collapse_stats, effective_rank
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
 
 from conftest import TINY

@@ -9,11 +9,12 @@ import torch
 
 from byol.cli import main
 from byol.config import load_config
-from byol.data.loader import DeviceViews
+from byol.data import pipeline
+from byol.data.pipeline import DeviceViews
 from byol.train import loop
 from byol.train.checkpoint import load_checkpoint
 from byol.train.guard import MAX_CONSECUTIVE_SKIPS, TrainingDiverged
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 
 from conftest import TINY
 
@@ -61,7 +62,7 @@ def test_cli_exits_3_with_one_line_then_resumes_with_a_lower_lr(tmp_path, capsys
     run = tmp_path / "run"
     config = tmp_path / "base.yaml"
     config.write_text("train: {}\n")
-    monkeypatch.setattr(loop, "DeviceViews", _NaNViewsAt)
+    monkeypatch.setattr(pipeline, "DeviceViews", _NaNViewsAt)
     monkeypatch.setattr(_NaNViewsAt, "bad_steps", {6})  # a NaN batch at step 7
     args = ["pretrain", "--config", str(config), *TINY, "data.dataset=shapes", "data.shapes_size=48",
             "data.val_fraction=0", "optim.epochs=4", "train.checkpoint_every=2", "eval.final_knn=false",
@@ -113,13 +114,18 @@ class _NaNViewsAt(DeviceViews):
 
 def test_skip_drops_a_bad_step_without_changing_anything(tmp_path, monkeypatch):
     clean = pretrain(_cfg(tmp_path, "clean", "train.max_steps=4"))
-    monkeypatch.setattr(loop, "DeviceViews", _NaNViewsAt)
+    monkeypatch.setattr(pipeline, "DeviceViews", _NaNViewsAt)
     monkeypatch.setattr(_NaNViewsAt, "bad_steps", {4})  # the fifth step sees NaN images
     skipped = pretrain(_cfg(tmp_path, "skip", "train.nonfinite=skip", "train.max_steps=5"))
-    a = load_checkpoint(clean.run_dir / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(skipped.run_dir / "checkpoints" / "last.pt")["model"]
+    sd_a = load_checkpoint(clean.run_dir / "checkpoints" / "last.pt")
+    sd_b = load_checkpoint(skipped.run_dir / "checkpoints" / "last.pt")
+    a, b = sd_a["model"], sd_b["model"]
     for key in a:  # weights, target and batch-norm statistics exactly as before the bad step
         assert torch.equal(a[key], b[key]), key
+    for s_a, s_b in zip(sd_a["optimizer"]["state"].values(), sd_b["optimizer"]["state"].values()):
+        assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])  # no optimizer step
+    for k, v in sd_a["probe"]["module"].items():  # the online classifier did not see the batch
+        assert torch.equal(v, sd_b["probe"]["module"][k]), k
     rows = {r["step"]: r for r in _rows(skipped.run_dir)}
     assert rows[5]["skipped"] == 1.0 and all(rows[s]["skipped"] == 0.0 for s in range(1, 5))
     # the stop policy on the same data stops instead
@@ -128,7 +134,7 @@ def test_skip_drops_a_bad_step_without_changing_anything(tmp_path, monkeypatch):
 
 
 def test_skip_gives_up_after_too_many_bad_steps_in_a_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "DeviceViews", _NaNViewsAt)
+    monkeypatch.setattr(pipeline, "DeviceViews", _NaNViewsAt)
     monkeypatch.setattr(_NaNViewsAt, "bad_steps", set(range(2, 100)))
     with pytest.raises(TrainingDiverged, match=f"{MAX_CONSECUTIVE_SKIPS} consecutive steps with non-finite "
                                                "gradients at step 22") as info:

@@ -1,4 +1,4 @@
-"""Normalisation variants (PAPER.md §8): GroupNorm + weight standardisation, the BN-free
+"""Normalisation variants (docs/method.md §8): GroupNorm + weight standardisation, the BN-free
 data-dependent init, and their runs (train, checkpoint, resume, export)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from byol.export import export_encoder, load_encoder
 from byol.models.backbones import resnet
 from byol.models.build import bn_free_init, build_model
 from byol.models.norms import Affine, WSConv2d, groups_for, remove_batchnorm
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
 
 from conftest import TINY

@@ -1,4 +1,4 @@
-"""The paper's tables (PAPER.md §3 and §4) as data."""
+"""The paper's tables (docs/method.md §3 and §4) as data."""
 from __future__ import annotations
 
 import pytest

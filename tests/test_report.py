@@ -14,7 +14,7 @@ from byol.config import config_to_dict, load_config
 from byol.data.errors import DataError
 from byol.report import make_report
 from byol.report.plots import DPI, FIGSIZE, smooth
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 from byol.train.run import read_metrics
 
 from conftest import TINY

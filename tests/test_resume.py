@@ -1,4 +1,4 @@
-"""Resume: N steps without stopping == k steps, stop, resume, N-k steps (PAPER.md -> DESIGN.md)."""
+"""Resume: N steps without stopping == k steps, stop, resume, N-k steps (docs/method.md, docs/reliability.md)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import torch
 
 from byol.config import load_config
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
 
 from conftest import TINY
@@ -107,7 +107,7 @@ def test_resume_refuses_changed_data(tmp_path):
 def test_batched_augmentation_backend_trains_and_resumes_exactly(tmp_path):
     """augment.backend=batched: the workers crop and flip (uint8), the loop draws the rest of T
     and T' per sample on the device from a generator seeded by the step: resume stays exact."""
-    from byol.data.loader import make_views
+    from byol.data.transforms import make_views
     from byol.config import Augment
 
     views = make_views(Augment(preset="byol32", size=16, backend="batched"))

@@ -8,7 +8,7 @@ import torch
 
 from byol.config import load_config
 from byol.train import runtime
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 from byol.train.runtime import resolve_precision, tune_cpu_allocator
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
 

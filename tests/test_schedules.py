@@ -1,4 +1,4 @@
-"""The schedules of PAPER.md §1 and §4 at their known points."""
+"""The schedules of docs/method.md §1 and §4 at their known points."""
 from __future__ import annotations
 
 import pytest
@@ -64,7 +64,7 @@ def test_tau_validation(fn, args):
 
 
 def test_scaled_lr():
-    assert scaled_lr(0.2, 4096) == pytest.approx(3.2)  # PAPER.md §4: 0.2 x 4096 / 256
+    assert scaled_lr(0.2, 4096) == pytest.approx(3.2)  # docs/method.md §4: 0.2 x 4096 / 256
     assert scaled_lr(0.4, 512) == pytest.approx(0.8)
     assert scaled_lr(0.3, 256) == 0.3
     with pytest.raises(ValueError, match="batch_size"):

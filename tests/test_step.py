@@ -1,7 +1,7 @@
-"""One training step: the EMA uses the online weights *after* the optimizer step (PAPER.md §1)."""
+"""One training step: the EMA uses the online weights *after* the optimizer step (docs/method.md §1)."""
 import torch
 
-from byol.models import BYOL, resnet
+from byol.models import BYOL, MLPHead, resnet
 from byol.optim import build_optimizer, excluded_from_decay_and_adaptation
 from byol.train.step import train_step
 
@@ -9,7 +9,8 @@ from byol.train.step import train_step
 def _model():
     torch.manual_seed(0)
     enc = resnet("resnet18", width=0.125, cifar_stem=True)
-    return BYOL(enc, enc.feature_dim, projector_hidden=32, projector_out=16, predictor_hidden=32)
+    projector = MLPHead(enc.feature_dim, 32, 16)
+    return BYOL(enc, enc.feature_dim, projector=projector, predictor=MLPHead(16, 32, 16))
 
 
 def test_target_follows_the_updated_online_weights():

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from byol.cli import main
-from byol.config import apply_overrides, config_from_dict, read_yaml
+from byol.config import apply_overrides, config_from_dict, read_yaml, resolve_config_path
 from byol.config.sections import ConfigError
 from byol.sweep import GRIDS, run_sweep
 from byol.sweep.runner import cell_overrides
@@ -21,8 +21,6 @@ SMALL = ["model.width=0.125", "model.projector_hidden=32", "model.projector_out=
 
 @pytest.mark.parametrize("name", list(GRIDS))
 def test_every_cell_of_every_grid_is_a_valid_config_that_differs(name):
-    from byol.cli import resolve_config_path
-
     grid = GRIDS[name]
     base = read_yaml(resolve_config_path("demo"))
     configs = [config_from_dict(apply_overrides(base, cell_overrides(grid, c.label, [])))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from byol.config import load_config
-from byol.train.loop import pretrain
+from byol.train.pretrain import pretrain
 from byol.train.threads import CpuSample, ThreadGovernor, machine_busy_seconds, own_cpu_seconds, threads_for
 
 from conftest import TINY

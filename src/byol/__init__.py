@@ -20,7 +20,7 @@ _WHERE = {
     "LARS": "byol.optim", "build_optimizer": "byol.optim", "cosine_tau": "byol.optim",
     "excluded_from_decay_and_adaptation": "byol.optim", "param_groups": "byol.optim",
     "scaled_lr": "byol.optim", "warmup_cosine_lr": "byol.optim",
-    "pretrain": "byol.train.loop", "load_encoder": "byol.export",
+    "pretrain": "byol.train.pretrain", "load_encoder": "byol.export",
 }
 
 __all__ = sorted(_WHERE)

@@ -1,4 +1,4 @@
-"""Process-group helpers. The only module that imports torch.distributed (STYLE.md rule 8).
+"""Process-group helpers. The only module that imports torch.distributed.
 
 Every helper is a no-op at world size 1, so single-process code calls them unconditionally.
 `torchrun` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; ``init_from_env``
@@ -87,7 +87,7 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """[b, D] on each rank -> ([world * b, D] in rank order, this rank's row offset): the
-    negatives of every rank's batch (PAPER.md §7 under DDP). Differentiable: the gradient of each
+    negatives of every rank's batch (docs/method.md §7 under DDP). Differentiable: the gradient of each
     rank's loss flows back to the rank that computed the rows. (x, 0) at world size 1."""
     if world_size() == 1:
         return x, 0
@@ -121,6 +121,14 @@ def any_rank(flag: bool) -> bool:
     ranks must stop at the same step or the next collective waits forever."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: the process's GPU under NCCL (which has no
+    CPU path), the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -19,14 +19,16 @@ from byol.augment.views import eval_transform
 from byol.data.decode import decode_image
 from byol.data.errors import DataError
 from byol.data.folder import ImageFolderDataset
-from byol.data.loader import default_workers, eval_crop_fraction
+from byol.data.transforms import eval_crop_fraction
+from byol.data.workers import default_workers
 from byol.eval.features import extract_features
-from byol.export import _replacing, _run_encoder, _write_text, load_encoder
+from byol.export import _run_encoder, load_encoder
+from byol.files import atomic_path, atomic_write_text
 from byol.train.runtime import resolve_device
 
 
 def encoder_transform(meta: dict):
-    """The centre-crop eval transform (PAPER.md §5) matching an encoder's ``byol_meta``:
+    """The centre-crop eval transform (docs/method.md §5) matching an encoder's ``byol_meta``:
     uint8 [3, H, W] -> float32 [3, image_size, image_size], normalised."""
     return eval_transform(meta["image_size"], crop_fraction=meta["eval_crop_fraction"],
                           mean=meta["mean"], std=meta["std"])
@@ -89,15 +91,15 @@ def embed_folder(encoder_path: str | os.PathLike, images: str | os.PathLike, out
     if not keep:
         raise DataError(f"embed: no image under {images} could be decoded")
     array = feats[keep].numpy().astype(np.float32, copy=False)
-    with _replacing(out) as tmp, open(tmp, "wb") as f:
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
     files_txt = out.with_suffix(".files.txt")
-    _write_text(files_txt, "".join(folder.files[i].relative_to(folder.root).as_posix() + "\n"
+    atomic_write_text(files_txt, "".join(folder.files[i].relative_to(folder.root).as_posix() + "\n"
                                    for i in keep))
     labels_json = None
     if folder.labels is not None:
         labels_json = out.with_suffix(".labels.json")
-        _write_text(labels_json, json.dumps({"classes": folder.classes,
-                                             "labels": [folder.labels[i] for i in keep]}) + "\n")
+        atomic_write_text(labels_json, json.dumps({"classes": folder.classes,
+                                                   "labels": [folder.labels[i] for i in keep]}) + "\n")
     return {"n": len(keep), "dim": array.shape[1], "out": str(out), "files": str(files_txt),
             "labels": None if labels_json is None else str(labels_json), "skipped": skipped}

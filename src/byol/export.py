@@ -1,4 +1,4 @@
-"""Export the encoder f (PAPER.md §2) of a run for downstream use and load it back (``byol embed``
+"""Export the encoder f (docs/method.md §2) of a run for downstream use and load it back (``byol embed``
 is in embed.py).
 
 The exported file is safetensors: a JSON header plus raw tensor bytes, so loading it never runs
@@ -13,11 +13,9 @@ architecture as JSON, both in the safetensors metadata (key ``byol_encoder``) an
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import safetensors
@@ -27,7 +25,8 @@ from torch import nn
 
 from byol.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from byol.data.errors import DataError
-from byol.data.loader import eval_crop_fraction
+from byol.files import atomic_path, atomic_write_text
+from byol.data.transforms import eval_crop_fraction
 from byol.models.backbones import RESNET_SPECS, resnet
 from byol.models.norms import BACKBONE_NORMS
 from byol.train.runtime import resolve_device
@@ -35,26 +34,6 @@ from byol.train.runtime import resolve_device
 FORMAT = "byol-encoder"
 FORMAT_VERSION = 1
 METADATA_KEY = "byol_encoder"
-
-
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[str]:
-    """Yield a temp path beside ``path``; rename it over ``path`` on success, so a crash never
-    leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    with _replacing(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:
@@ -99,21 +78,21 @@ def save_encoder(encoder: nn.Module, out: str | os.PathLike, *, backbone: str, w
         "step": None, **(source or {}), "byol_version": __version__,
     }
     # Sidecar first: once ``out`` exists under its final name, the export is complete.
-    _write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
-    with _replacing(out) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt",
-                                                            METADATA_KEY: json.dumps(meta)})
+    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")
+    with atomic_path(out) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt",
+                                                                 METADATA_KEY: json.dumps(meta)})
     return meta
 
 
 def _run_encoder(run_or_checkpoint: str | os.PathLike, which: str = "online") -> tuple[nn.Module, dict]:
     """-> (encoder f of a run, in eval mode; its metadata as ``save_encoder`` writes it)."""
-    from byol.eval.commands import load_run
+    from byol.eval.commands import load_checkpoint_run
     from byol.models.build import encoder_norm
 
     if which not in ("online", "target"):
         raise ValueError(f"which must be 'online' or 'target', got {which!r}")
-    loaded = load_run(run_or_checkpoint)
+    loaded = load_checkpoint_run(run_or_checkpoint)
     cfg, model, ckpt = loaded.cfg, loaded.model, loaded.checkpoint
     if which == "target" and not hasattr(model, "target_encoder"):
         raise DataError(f"{ckpt} has no target encoder (method.target={cfg.method.target})")

@@ -1,7 +1,13 @@
-"""BYOL's regression loss (PAPER.md §1) and the generalized InfoNCE of PAPER.md §7."""
+"""BYOL's regression loss (docs/method.md §1) and the generalized InfoNCE of docs/method.md §7.
+
+The functions compute; ``RegressionLoss`` and ``InfoNCELoss`` are the method's loss component,
+one of them chosen when the model is built (``models/build.py``), called by ``BYOL.forward`` as
+``loss(p1, p2, z1, z2)``, with the MoCo queue's keys when the model has a queue.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +42,7 @@ Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 def _direction_infonce(v: torch.Tensor, v_target: torch.Tensor, alpha: float, beta: float, *,
                        gather: Gather | None = None, queue: torch.Tensor | None = None,
                        queue_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """One direction of the generalized objective, as a loss: 2 - objective (PAPER.md §7).
+    """One direction of the generalized objective, as a loss: 2 - objective (docs/method.md §7).
 
     objective = 2/B sum_i S(v_i, v'_i)
                 - beta 2 alpha/B sum_i log(sum_{j != i} exp(S(v_i, v_j)/alpha) + sum_j exp(S(v_i, v'_j)/alpha))
@@ -76,7 +82,7 @@ def symmetric_infonce_loss(
     p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, *, alpha: float, beta: float,
     gather: Gather | None = None, queue: torch.Tensor | None = None, queue_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The generalized InfoNCE of PAPER.md §7, both directions summed like the BYOL loss:
+    """The generalized InfoNCE of docs/method.md §7, both directions summed like the BYOL loss:
     l(p1, z2') + l(p2, z1') with l = 2 - objective (negatives: see ``_direction_infonce``).
 
     beta = 0 gives ``symmetric_regression_loss`` exactly (BYOL with predictor and target). With
@@ -90,3 +96,38 @@ def symmetric_infonce_loss(
         raise ValueError(f"method.alpha must be > 0, got {alpha}")
     kw = dict(gather=gather, queue=queue, queue_valid=queue_valid)
     return _direction_infonce(p1, z2, alpha, beta, **kw) + _direction_infonce(p2, z1, alpha, beta, **kw)
+
+
+class RegressionLoss:
+    """BYOL's objective, ``symmetric_regression_loss``: no negatives (so no queue)."""
+
+    has_negatives = False
+
+    def __call__(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return symmetric_regression_loss(p1, p2, z1, z2)
+
+    def __repr__(self) -> str:
+        return "RegressionLoss()"
+
+
+@dataclass(frozen=True)
+class InfoNCELoss:
+    """``symmetric_infonce_loss`` at temperature ``alpha`` and negative weight ``beta``.
+
+    ``gather`` (``distributed.gather_with_grad`` under DDP) draws the batch negatives from every
+    rank. Called with ``queue``/``queue_valid`` (the model's ``NegativeQueue``), the negatives are
+    the queued keys instead (MoCo): only meaningful with negatives, i.e. beta > 0.
+    """
+
+    alpha: float = 0.1
+    beta: float = 0.0
+    gather: Gather | None = None
+
+    @property
+    def has_negatives(self) -> bool:
+        return self.beta > 0
+
+    def __call__(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, *,
+                 queue: torch.Tensor | None = None, queue_valid: torch.Tensor | None = None) -> torch.Tensor:
+        return symmetric_infonce_loss(p1, p2, z1, z2, alpha=self.alpha, beta=self.beta, gather=self.gather,
+                                      queue=queue, queue_valid=queue_valid)

@@ -1,19 +1,23 @@
-"""The paper's tables as data (PAPER.md §3 and §4), so no number is sprinkled through the code.
+"""The paper's tables as data (docs/method.md §3 and §4): each number is typed here once.
 
 ``PAPER_SCHEDULES`` holds the official presets by run length; ``AUGMENT_SETS`` the view
-distributions T and T' by name, with keys that match the fields of ``config.Augment``.
+distributions T and T' by name, with keys that match the fields of ``config.Augment``. The
+defaults of ``config.Optim``, ``config.Method``, ``config.Augment`` and
+``augment.views.ViewSpec`` are read from here: the paper's 1000-epoch run and its Table 6.
 """
 from __future__ import annotations
 
 from typing import Any
 
-# PAPER.md §4: batch 4096 on 512 TPU v3 cores, 10 warm-up epochs, LARS momentum 0.9, eta 1e-3.
+# docs/method.md §4: batch 4096 on 512 TPU v3 cores, 10 warm-up epochs, LARS momentum 0.9,
+# eta 1e-3; the headline run is 1000 epochs long.
+PAPER_EPOCHS = 1000
 PAPER_BATCH_SIZE = 4096
 PAPER_WARMUP_EPOCHS = 10
 PAPER_MOMENTUM = 0.9
 PAPER_TRUST_COEFFICIENT = 1e-3
 
-# PAPER.md §4, official presets by length: epochs -> base lr (scaled by batch / 256), weight
+# docs/method.md §4, official presets by length: epochs -> base lr (scaled by batch / 256), weight
 # decay, tau_base. Shorter runs use a smaller tau_base so the target keeps up with the online net.
 PAPER_SCHEDULES: dict[int, dict[str, float]] = {
     40: {"base_lr": 0.45, "weight_decay": 1e-6, "tau_base": 0.97},
@@ -22,12 +26,9 @@ PAPER_SCHEDULES: dict[int, dict[str, float]] = {
     1000: {"base_lr": 0.2, "weight_decay": 1.5e-6, "tau_base": 0.996},
 }
 
-# PAPER.md §4: the small-batch setting that still gave 73.7% (ImageNet, 1000 epochs).
-PAPER_BATCH_512: dict[str, float] = {"batch_size": 512, "base_lr": 0.4, "tau_base": 0.9995}
-
 
 def paper_schedule(epochs: int) -> dict[str, float]:
-    """The official (base_lr, weight_decay, tau_base) for a run of ``epochs`` (PAPER.md §4).
+    """The official (base_lr, weight_decay, tau_base) for a run of ``epochs`` (docs/method.md §4).
 
     Returns a copy, so callers may change it without touching the table.
     """
@@ -37,12 +38,16 @@ def paper_schedule(epochs: int) -> dict[str, float]:
     return dict(PAPER_SCHEDULES[epochs])
 
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+# The ImageNet channel statistics the views are normalised with (docs/method.md §3).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The blur kernel side as a fraction of the image side: 23 px at 224 (docs/method.md §3).
+BLUR_KERNEL_FRACTION = 0.1
 
-# PAPER.md §3 (paper Table 6). Pairs are (min, max) ranges, except blur_prob and solarize_prob,
-# which are (T, T') probabilities: the asymmetry between the two views is part of the method.
-_BYOL: dict[str, Any] = {
+# docs/method.md §3 (paper Table 6). Pairs are (min, max) ranges, except blur_prob and
+# solarize_prob, which are (T, T') probabilities: the asymmetry between the views is part of the
+# method. The defaults of config.Augment and, view by view, of augment.views.ViewSpec.
+BYOL_AUGMENT: dict[str, Any] = {
     "size": 224,
     "crop_scale": (0.08, 1.0),
     "crop_ratio": (3 / 4, 4 / 3),
@@ -56,21 +61,21 @@ _BYOL: dict[str, Any] = {
     "blur_prob": (1.0, 0.1),
     "blur_sigma": (0.1, 2.0),
     "solarize_prob": (0.0, 0.2),
-    "mean": _IMAGENET_MEAN,
-    "std": _IMAGENET_STD,
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
 }
 
 AUGMENT_SETS: dict[str, dict[str, Any]] = {
-    "byol": _BYOL,
-    # 32 px (CIFAR): blur left out, a 3-pixel kernel does little (PAPER.md §3).
-    "byol32": {**_BYOL, "size": 32, "blur_prob": (0.0, 0.0)},
+    "byol": BYOL_AUGMENT,
+    # 32 px (CIFAR): blur left out, a 3-pixel kernel does little (docs/method.md §3).
+    "byol32": {**BYOL_AUGMENT, "size": 32, "blur_prob": (0.0, 0.0)},
 }
 
-# Method presets (DESIGN.md "Method variants"): method.name fills the fields of these sections
+# Method presets (docs/method.md §7): method.name fills the fields of these sections
 # that the config does not set. BYOL is the defaults. SimSiam (Chen & He 2020): no momentum
 # encoder, stop-gradient on the online projection, its own heads (2048-d projection, predictor
 # bottleneck 512) and optimiser (SGD, lr 0.05 x batch/256, wd 1e-4, momentum 0.9). SimCLR
-# (PAPER.md §7): no predictor, no target, the generalized InfoNCE with beta = 1 (NT-Xent), LARS.
+# (docs/method.md §7): no predictor, no target, the generalized InfoNCE with beta = 1 (NT-Xent), LARS.
 METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "byol": {},
     "simsiam": {
@@ -95,7 +100,7 @@ METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-# Augmentation ablations (PAPER.md §7, "Augmentations"): ``augment.ablation`` switches steps of T
+# Augmentation ablations (docs/method.md §7, "Augmentations"): ``augment.ablation`` switches steps of T
 # and T' off on top of the preset and any keys set (crop and flip always stay). "colour" is the
 # colour jitter plus grayscale, as in the paper's table.
 _NO_JITTER = {"jitter_prob": 0.0}

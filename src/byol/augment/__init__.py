@@ -1,4 +1,4 @@
-"""Augmentations T and T' (PAPER.md §3). ``views``: the reference per-image torchvision path."""
+"""Augmentations T and T' (docs/method.md §3). ``views``: the reference per-image torchvision path."""
 from byol.augment.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -1,12 +1,12 @@
-"""The fast augmentation path: the photometric steps of T and T' (PAPER.md §3), batched on a device.
+"""The fast augmentation path: the photometric steps of T and T' (docs/method.md §3), batched.
 
-DESIGN.md "Data flow of one step": workers only crop and flip to uint8 ``[3, size, size]``; the
-colour jitter (four adjustments in a per-sample random order), grayscale, Gaussian blur,
-solarize and normalisation run here on a whole batch ``[B, 3, H, W]`` with every parameter
-drawn per sample and per view, as the reference path (``views.photometric_ops``) draws them
-per call. Each op is a pure tensor function taking per-sample parameters ``[B]``; each matches
-the torchvision.transforms.v2.functional op of the same name on one image with the same
-parameter (tests/test_augment_batched.py).
+The data flow (docs/architecture.md, "Data flow"): workers only crop and flip to uint8
+``[3, size, size]``; the colour jitter (four adjustments in a per-sample random order),
+grayscale, Gaussian blur, solarize and normalisation run here on a whole batch
+``[B, 3, H, W]`` with every parameter drawn per sample and per view, as the reference path
+(``views.photometric_ops``) draws them per call. Each op is a pure tensor function taking
+per-sample parameters ``[B]``; each matches the torchvision.transforms.v2.functional op of the
+same name on one image with the same parameter (tests/test_augment_batched.py).
 
 The costly ops (hue: an HSV round trip; blur) run either on the whole batch and are kept by a
 mask (no host synchronisation, the choice on accelerators) or on the gathered subset of samples
@@ -36,9 +36,9 @@ def _per_sample(values: Tensor) -> Tensor:
 
 
 def _blend(x: Tensor, ref: Tensor, factor: Tensor) -> Tensor:
-    """clamp(f x + (1 - f) ref, 0, 1) per sample, torchvision's ``_blend``. Exactly ``x`` at f = 1."""
-    f = _per_sample(factor).to(x.dtype)
-    return (x * f + ref * (1 - f)).clamp(0.0, 1.0)
+    """clamp(f x + (1 - f) ref, 0, 1) per sample, torchvision's ``_blend`` (to float rounding:
+    computed as ``lerp(ref, x, f)``, one pass). Exactly ``x`` at f = 1."""
+    return torch.lerp(ref, x, _per_sample(factor).to(x.dtype)).clamp_(0.0, 1.0)
 
 
 def rgb_to_grayscale(x: Tensor) -> Tensor:
@@ -52,9 +52,14 @@ def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
     return _blend(x, torch.zeros((), dtype=x.dtype, device=x.device), factor)
 
 
+def _mean_luma(luma: Tensor) -> Tensor:
+    """Each image's mean luma: ``[B, 1, H, W] -> [B, 1, 1, 1]`` (contrast blends towards it)."""
+    return luma.mean(dim=(-3, -2, -1), keepdim=True)
+
+
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     """Contrast jitter: blend with the image's mean luma. ``[B, 3, H, W]``, ``[B]`` -> ``[B, 3, H, W]``."""
-    return _blend(x, rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+    return _blend(x, _mean_luma(rgb_to_grayscale(x)), factor)
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
@@ -110,7 +115,7 @@ def _gaussian_kernels(size: int, sigma: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Gaussian blur with a per-sample sigma (PAPER.md §3), reflect padding like torchvision.
+    """Gaussian blur with a per-sample sigma (docs/method.md §3), reflect padding like torchvision.
 
     ``[B, C, H, W]``, ``sigma [B]`` -> ``[B, C, H, W]``. The 2-D kernel is separable: one
     depthwise pass along W, one along H, so the cost is 2k rather than k^2 per pixel.
@@ -127,7 +132,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 
 
 def solarize(x: Tensor, threshold: float = SOLARIZE_THRESHOLD) -> Tensor:
-    """Solarize (PAPER.md §3): x <- 1 - x where x >= threshold. ``[B, 3, H, W] -> [B, 3, H, W]``."""
+    """Solarize (docs/method.md §3): x <- 1 - x where x >= threshold. ``[B, 3, H, W] -> [B, 3, H, W]``."""
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
@@ -140,7 +145,7 @@ def normalize(x: Tensor, mean, std) -> Tensor:
 
 @dataclass
 class PhotometricParams:
-    """Per-sample draws of the photometric steps of one view (PAPER.md §3), all of length B.
+    """Per-sample draws of the photometric steps of one view (docs/method.md §3), all of length B.
 
     ``order [B, 4]`` is the jitter order (op ids BRIGHTNESS..HUE, applied left to right);
     ``brightness``/``contrast``/``saturation`` are blend factors and ``hue`` a hue shift in
@@ -164,7 +169,7 @@ class PhotometricParams:
 
 
 class BatchedPhotometric:
-    """The photometric part of one view distribution T or T' (PAPER.md §3), batched.
+    """The photometric part of one view distribution T or T' (docs/method.md §3), batched.
 
     uint8 ``[B, 3, H, W]`` (cropped and flipped by the workers) -> float32 ``[B, 3, H, W]``
     normalised with ``spec.mean``/``spec.std``: jitter (prob ``jitter_prob``, random order),
@@ -218,20 +223,21 @@ class BatchedPhotometric:
     def _jitter(self, x: Tensor, p: PhotometricParams, compact: bool) -> Tensor:
         """Colour jitter, each sample in its own order; samples with ``jitter`` False untouched.
 
-        At each of the 4 positions every sample runs one op. Brightness, contrast and
-        saturation are all clamp(f x + (1 - f) ref) with ref 0, the mean luma or the luma, so
-        one blend per position serves all three (factor 1, an exact identity, where the op
-        there is hue or jitter is off). Hue goes through ``masked_apply``.
+        At each of the 4 positions every sample runs one op. ``adjust_brightness``,
+        ``adjust_contrast`` and ``adjust_saturation`` are all ``_blend(x, ref, f)`` with ref 0,
+        the mean luma or the luma, so one ``_blend`` per position serves all three, each sample
+        with its own op's ref and factor (factor 1, an exact identity, where the op there is hue
+        or jitter is off): the arithmetic of those three functions in one pass instead of three.
+        Hue goes through ``masked_apply``.
         """
         factors = torch.stack((p.brightness, p.contrast, p.saturation, torch.ones_like(p.hue)), dim=1)
         factors = torch.where(p.jitter.unsqueeze(1), factors, 1.0)
         for pos in range(4):
             op = p.order[:, pos]
             luma = rgb_to_grayscale(x)
-            ref = (luma * _per_sample(op == SATURATION)
-                   + luma.mean(dim=(-3, -2, -1), keepdim=True) * _per_sample(op == CONTRAST))
-            # lerp(ref, x, f) = f x + (1 - f) ref, in one pass, and exactly x at f = 1
-            x = torch.lerp(ref, x, _per_sample(factors.gather(1, op.unsqueeze(1)))).clamp_(0.0, 1.0)
+            # brightness's ref, 0, is neither term
+            ref = luma * _per_sample(op == SATURATION) + _mean_luma(luma) * _per_sample(op == CONTRAST)
+            x = _blend(x, ref, factors.gather(1, op.unsqueeze(1)).squeeze(1))
             if self.spec.hue > 0:  # ColorJitter skips hue=0 (an HSV round trip is not exact)
                 x = masked_apply(x, p.jitter & (op == HUE), adjust_hue, p.hue, compact=compact)
         return x

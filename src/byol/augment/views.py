@@ -1,17 +1,17 @@
 """The reference augmentation path: per-image torchvision.transforms.v2 pipelines T and T'.
 
-PAPER.md §3 (paper Table 6): random resized crop -> horizontal flip -> colour jitter (random
+docs/method.md §3 (paper Table 6): random resized crop -> horizontal flip -> colour jitter (random
 order) -> grayscale -> Gaussian blur -> solarize -> normalise, every parameter drawn afresh on
 every call, i.e. per image and per view. The pipelines run in DataLoader workers on uint8
 ``[3, H, W]`` images and return float32 ``[3, size, size]``.
 
-The pipeline is split into the stages of the data flow in DESIGN.md so that the fast batched
+The pipeline is split into the stages of the data flow (docs/architecture.md) so that the fast batched
 path (``batched.py``) can be tested against it stage by stage:
 
 - ``geometric_ops``: crop + flip on uint8 (``CropFlip``: the same draws and pixels as one
   module, what the workers do in the fast path);
 - ``photometric_ops``: jitter, grayscale, blur, solarize on float ``[0, 1]``, one module per
-  step of PAPER.md §3, what the device does per sample in the fast path;
+  step of docs/method.md §3, what the device does per sample in the fast path;
 - ``Normalize`` with ImageNet mean and std.
 """
 from __future__ import annotations
@@ -26,10 +26,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from byol.presets import BLUR_KERNEL_FRACTION, BYOL_AUGMENT, IMAGENET_MEAN, IMAGENET_STD
 
-# Solarize inverts pixels at or above half intensity (PAPER.md §3: x <- 1 - x where x >= 0.5).
+# T and T' of Table 6 (docs/method.md §3), typed once in presets.py: (T, T') pairs for blur_prob
+# and solarize_prob, the rest shared.
+_T6 = BYOL_AUGMENT
+
+# Solarize inverts pixels at or above half intensity (docs/method.md §3: x <- 1 - x where x >= 0.5).
 SOLARIZE_THRESHOLD = 0.5
 
 
@@ -50,28 +53,28 @@ def _check_range(name: str, value: tuple[float, float], upper: float = math.inf)
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view distribution, T or T' of PAPER.md §3. Probabilities are per image and per view.
+    """One view distribution, T or T' of docs/method.md §3. Probabilities are per image and per view.
 
     ``size`` is the output side (224 for ImageNet, 32 for CIFAR); ``blur_kernel_fraction`` the
     blur kernel side as a fraction of ``size`` (23x23 at 224, see ``blur_kernel_size``).
     """
 
-    size: int = 224
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_prob: float = 0.2
-    blur_prob: float = 1.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel_fraction: float = 0.1
-    solarize_prob: float = 0.0
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
+    size: int = _T6["size"]
+    crop_scale: tuple[float, float] = _T6["crop_scale"]
+    crop_ratio: tuple[float, float] = _T6["crop_ratio"]
+    flip_prob: float = _T6["flip_prob"]
+    jitter_prob: float = _T6["jitter_prob"]
+    brightness: float = _T6["brightness"]
+    contrast: float = _T6["contrast"]
+    saturation: float = _T6["saturation"]
+    hue: float = _T6["hue"]
+    grayscale_prob: float = _T6["grayscale_prob"]
+    blur_prob: float = _T6["blur_prob"][0]  # T's
+    blur_sigma: tuple[float, float] = _T6["blur_sigma"]
+    blur_kernel_fraction: float = BLUR_KERNEL_FRACTION
+    solarize_prob: float = _T6["solarize_prob"][0]  # T's
+    mean: tuple = _T6["mean"]
+    std: tuple = _T6["std"]
 
     def __post_init__(self) -> None:
         # Configs loaded from YAML give lists; store tuples so the spec stays hashable.
@@ -97,20 +100,20 @@ class ViewSpec:
             _fail("std", "3 values > 0 (RGB)", self.std)
 
 
-def byol_view_specs(size: int = 224, *, blur: bool = True, **overrides) -> tuple[ViewSpec, ViewSpec]:
-    """(T, T') of PAPER.md §3: they differ only in blur (1.0 vs 0.1) and solarize (0.0 vs 0.2).
+def byol_view_specs(size: int = _T6["size"], *, blur: bool = True, **overrides) -> tuple[ViewSpec, ViewSpec]:
+    """(T, T') of docs/method.md §3: they differ only in blur (1.0 vs 0.1) and solarize (0.0 vs 0.2).
 
     ``blur=False`` drops blur from both views, the usual choice for 32-px images (a 3-pixel
     kernel does little). ``overrides`` (any ViewSpec field) apply to both views.
     """
     base = ViewSpec(size=size, **overrides)
-    t1 = replace(base, blur_prob=1.0 if blur else 0.0, solarize_prob=0.0)
-    t2 = replace(base, blur_prob=0.1 if blur else 0.0, solarize_prob=0.2)
+    t1, t2 = (replace(base, blur_prob=_T6["blur_prob"][v] if blur else 0.0,
+                      solarize_prob=_T6["solarize_prob"][v]) for v in (0, 1))
     return t1, t2
 
 
-def blur_kernel_size(size: int, fraction: float = 0.1) -> int:
-    """Odd blur kernel side, ``fraction`` of the image side (PAPER.md §3): 224 -> 23, 32 -> 3.
+def blur_kernel_size(size: int, fraction: float = BLUR_KERNEL_FRACTION) -> int:
+    """Odd blur kernel side, ``fraction`` of the image side (docs/method.md §3): 224 -> 23, 32 -> 3.
 
     int(fraction * size), bumped to the next odd number (a Gaussian kernel needs a centre
     pixel), and at least 3 (a 1-pixel kernel would not blur at all).
@@ -131,7 +134,7 @@ class Clamp01(nn.Module):
 
 
 def geometric_ops(spec: ViewSpec) -> list[nn.Module]:
-    """Crop and flip (PAPER.md §3, rows 1-2). uint8 ``[3, H, W]`` -> uint8 ``[3, size, size]``.
+    """Crop and flip (docs/method.md §3, rows 1-2). uint8 ``[3, H, W]`` -> uint8 ``[3, size, size]``.
 
     Crop area ~ U[crop_scale] of the image, aspect ratio log-uniform in crop_ratio (torchvision
     samples log-uniformly), bicubic resize. Bicubic can overshoot [0, 255]; on uint8 torchvision
@@ -166,7 +169,7 @@ class CropFlip(nn.Module):
 
 
 def photometric_ops(spec: ViewSpec) -> list[nn.Module]:
-    """Jitter, grayscale, blur, solarize (PAPER.md §3, rows 3-6), one module per step.
+    """Jitter, grayscale, blur, solarize (docs/method.md §3, rows 3-6), one module per step.
 
     float32 ``[3, H, W]`` in [0, 1] -> float32 ``[3, H, W]`` in [0, 1]. Steps whose probability
     is 0 are left out, so the list names exactly the steps that can happen.
@@ -174,7 +177,7 @@ def photometric_ops(spec: ViewSpec) -> list[nn.Module]:
     # torchvision 0.29 v2.ColorJitter.make_params draws ``fn_idx = torch.randperm(4)`` and new
     # factors on every call (Transform.forward calls make_params each time), and transform()
     # applies brightness/contrast/saturation/hue in that order: a fresh random order per
-    # image, as PAPER.md §3 asks. Checked in the source and by tests/test_augment_views.py.
+    # image, as docs/method.md §3 asks. Checked in the source and by tests/test_augment_views.py.
     jitter = v2.ColorJitter(
         brightness=spec.brightness, contrast=spec.contrast, saturation=spec.saturation, hue=spec.hue
     )
@@ -198,7 +201,7 @@ def photometric_ops(spec: ViewSpec) -> list[nn.Module]:
 
 
 def view_transform(spec: ViewSpec) -> v2.Compose:
-    """One view t ~ T (or T') of PAPER.md §3. uint8 ``[3, H, W]`` (any H, W) -> float32
+    """One view t ~ T (or T') of docs/method.md §3. uint8 ``[3, H, W]`` (any H, W) -> float32
     ``[3, size, size]``, normalised with ``spec.mean``/``spec.std``.
 
     Every call draws new parameters: one call per image and per view.
@@ -213,7 +216,7 @@ def view_transform(spec: ViewSpec) -> v2.Compose:
 
 
 class TwoViews:
-    """x -> (t(x), t'(x)), t ~ T and t' ~ T' drawn independently (PAPER.md §1, §3).
+    """x -> (t(x), t'(x)), t ~ T and t' ~ T' drawn independently (docs/method.md §1, §3).
 
     uint8 ``[3, H, W]`` -> two float32 ``[3, size, size]``. A plain class (not a lambda) so it
     pickles into DataLoader workers.
@@ -230,7 +233,7 @@ class TwoViews:
 
 
 def two_view_transform(spec1: ViewSpec, spec2: ViewSpec) -> TwoViews:
-    """The pretraining transform: views from T = ``spec1`` and T' = ``spec2`` (PAPER.md §3)."""
+    """The pretraining transform: views from T = ``spec1`` and T' = ``spec2`` (docs/method.md §3)."""
     return TwoViews(view_transform(spec1), view_transform(spec2))
 
 
@@ -241,7 +244,7 @@ def eval_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
-    """Deterministic evaluation transform (PAPER.md §5: centre crop 224 of 256).
+    """Deterministic evaluation transform (docs/method.md §5: centre crop 224 of 256).
 
     uint8 ``[3, H, W]`` -> resize the shorter side to round(size / crop_fraction) (bicubic,
     antialiased) -> centre crop ``size`` -> float32 ``[3, size, size]`` normalised.

@@ -17,6 +17,7 @@ import yaml
 from byol.config.sections import SECTIONS, Augment, Config, ConfigError
 from byol.presets import AUGMENT_ABLATIONS, AUGMENT_SETS, METHOD_PRESETS
 
+
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -109,26 +110,42 @@ def config_from_dict(raw: dict) -> Config:
     return Config(**{name: _build_section(name, body) for name, body in sections.items()})
 
 
+# Short forms of a key: ``method=simclr`` (the preset) is ``method.name=simclr``.
+SHORTHANDS = {"method": "method.name"}
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """``"section.key=value"`` -> ``("section.key", "value")``: the key as written (stripped,
+    a shorthand kept), the value's text unparsed. ConfigError unless it has that shape."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    parts = SHORTHANDS.get(key, key).split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"config: override {item!r} must look like section.key=value")
+    return key, text
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Many overrides -> {key: value text}; a key given twice keeps its last value."""
+    return dict(parse_override(item) for item in items)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict, in order."""
     out = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
     if isinstance(out.get("method"), str):
         out["method"] = {"name": out["method"]}
     for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if parts == ["method"]:  # method=simclr: the preset, short for method.name=simclr
-            parts = ["method", "name"]
-        if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"config: override {item!r} must look like section.key=value")
+        key, text = parse_override(item)
+        name, field = SHORTHANDS.get(key, key).split(".")
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        section = out.setdefault(parts[0], {})
+        section = out.setdefault(name, {})
         if not isinstance(section, dict):
-            raise ConfigError(f"config: section '{parts[0]}' must be a mapping")
-        section[parts[1]] = value
+            raise ConfigError(f"config: section '{name}' must be a mapping")
+        section[field] = value
     return out
 
 

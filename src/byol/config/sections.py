@@ -11,7 +11,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from byol.presets import AUGMENT_ABLATIONS, AUGMENT_SETS, METHOD_PRESETS
+from byol.presets import (AUGMENT_ABLATIONS, AUGMENT_SETS, BYOL_AUGMENT, METHOD_PRESETS, PAPER_BATCH_SIZE,
+                          PAPER_EPOCHS, PAPER_MOMENTUM, PAPER_SCHEDULES, PAPER_TRUST_COEFFICIENT,
+                          PAPER_WARMUP_EPOCHS)
+
+# The defaults are the paper's: its Table 6 (docs/method.md §3) and its 1000-epoch run (§4).
+_T6 = BYOL_AUGMENT
+_PAPER = PAPER_SCHEDULES[PAPER_EPOCHS]
 
 
 class ConfigError(ValueError):
@@ -66,26 +72,26 @@ class Data:
 
 @dataclass(frozen=True)
 class Augment:
-    """The two view distributions T, T' (PAPER.md §3). ``preset`` fills the fields not given."""
+    """The two view distributions T, T' (docs/method.md §3). ``preset`` fills the fields not given."""
 
     preset: str = "byol"  # a key of presets.AUGMENT_SETS: byol (224 px) | byol32 (no blur)
     ablation: str = "full"  # full | no_colour | no_grayscale | crop_only | crop_blur | crop_colour
     backend: str = "batched"  # batched (photometric ops on the device) | reference (all per image in the loader)
-    size: int = 224
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_prob: float = 0.2
-    blur_prob: tuple[float, float] = (1.0, 0.1)  # (T, T')
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_prob: tuple[float, float] = (0.0, 0.2)  # (T, T')
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    size: int = _T6["size"]
+    crop_scale: tuple[float, float] = _T6["crop_scale"]
+    crop_ratio: tuple[float, float] = _T6["crop_ratio"]
+    flip_prob: float = _T6["flip_prob"]
+    jitter_prob: float = _T6["jitter_prob"]
+    brightness: float = _T6["brightness"]
+    contrast: float = _T6["contrast"]
+    saturation: float = _T6["saturation"]
+    hue: float = _T6["hue"]
+    grayscale_prob: float = _T6["grayscale_prob"]
+    blur_prob: tuple[float, float] = _T6["blur_prob"]  # (T, T')
+    blur_sigma: tuple[float, float] = _T6["blur_sigma"]
+    solarize_prob: tuple[float, float] = _T6["solarize_prob"]  # (T, T')
+    mean: tuple[float, float, float] = _T6["mean"]
+    std: tuple[float, float, float] = _T6["std"]
 
     def __post_init__(self) -> None:
         _one_of("augment.preset", self.preset, tuple(AUGMENT_SETS))
@@ -109,7 +115,7 @@ class Augment:
 
 @dataclass(frozen=True)
 class Model:
-    """Encoder f and heads g, q (PAPER.md §2)."""
+    """Encoder f and heads g, q (docs/method.md §2)."""
 
     backbone: str = "resnet50"
     width: float = 1.0
@@ -119,7 +125,7 @@ class Model:
     predictor_hidden: int = 4096
     head_norm: str = "bn"  # hidden-layer norm of the projector (and of the predictor unless set)
     predictor_norm: str | None = None  # the predictor's own: bn | ln | none; null: head_norm
-    backbone_norm: str = "bn"  # bn | gn_ws (GroupNorm + weight standardisation) | none (PAPER.md §8)
+    backbone_norm: str = "bn"  # bn | gn_ws (GroupNorm + weight standardisation) | none (docs/method.md §8)
     bn_free_init: bool = False  # replace every BN by an affine after one calibration pass (§8)
     bn_free_heads: bool = True  # with bn_free_init: the heads' BN too (false: only the encoders')
     target_init: str = "independent"
@@ -127,32 +133,35 @@ class Model:
 
     def __post_init__(self) -> None:
         from byol.models.backbones import RESNET_SPECS
+        from byol.models.heads import HEAD_NORMS
+        from byol.models.norms import BACKBONE_NORMS
 
         _one_of("model.backbone", self.backbone, tuple(RESNET_SPECS))
         _check(self.width > 0, "model.width", "> 0", self.width)
         for key in ("projector_hidden", "projector_out", "predictor_hidden"):
             _check(getattr(self, key) > 0, f"model.{key}", "> 0", getattr(self, key))
-        _one_of("model.head_norm", self.head_norm, ("bn", "ln", "none"))
+        _one_of("model.head_norm", self.head_norm, HEAD_NORMS)
         if self.predictor_norm is not None:
-            _one_of("model.predictor_norm", self.predictor_norm, ("bn", "ln", "none"))
+            _one_of("model.predictor_norm", self.predictor_norm, HEAD_NORMS)
         _one_of("model.target_init", self.target_init, ("independent", "copy"))
-        _one_of("model.backbone_norm", self.backbone_norm, ("bn", "gn_ws", "none"))
+        # bn | gn_ws | none: the fourth, affine, only the BN-free init makes (model.bn_free_init)
+        _one_of("model.backbone_norm", self.backbone_norm, BACKBONE_NORMS[:3])
         _check(not self.bn_free_init or self.backbone_norm == "bn", "model.backbone_norm",
                "bn with model.bn_free_init=true (the init replaces BN layers)", self.backbone_norm)
 
 
 @dataclass(frozen=True)
 class Method:
-    """Which member of the BYOL family (DESIGN.md "Method variants"). BYOL: the defaults."""
+    """Which member of the BYOL family (docs/method.md §7). BYOL: the defaults."""
 
     name: str = "byol"  # a preset (presets.METHOD_PRESETS): byol | simsiam | simclr | moco
     predictor: bool = True
     target: str = "ema"  # ema | online_stopgrad (SimSiam) | online
-    loss: str = "regression"  # regression (2 - 2cos) | infonce (PAPER.md §7, alpha and beta)
+    loss: str = "regression"  # regression (2 - 2cos) | infonce (docs/method.md §7, alpha and beta)
     alpha: float = 0.1  # infonce temperature
     beta: float = 0.0  # infonce weight of the negatives: 0 (BYOL's objective) .. 1 (SimCLR's)
-    tau_base: float = 0.996
-    tau_schedule: str = "cosine"  # cosine (PAPER.md §1) | constant
+    tau_base: float = _PAPER["tau_base"]
+    tau_schedule: str = "cosine"  # cosine (docs/method.md §1) | constant
     queue_size: int = 0  # > 0: infonce negatives from a FIFO queue of past target projections (MoCo)
 
     def __post_init__(self) -> None:
@@ -171,19 +180,21 @@ class Method:
 
 @dataclass(frozen=True)
 class Optim:
-    """Optimiser and schedules (PAPER.md §4). The lr is base_lr * batch_size / 256."""
+    """Optimiser and schedules (docs/method.md §4). The lr is base_lr * batch_size / 256."""
 
     name: str = "lars"
-    batch_size: int = 4096  # global batch
-    epochs: int = 1000
-    base_lr: float = 0.2
-    warmup_epochs: float = 10.0  # capped at epochs (a 1-epoch trial run of a long config works)
-    weight_decay: float = 1.5e-6
-    momentum: float = 0.9
-    trust_coefficient: float = 1e-3
+    batch_size: int = PAPER_BATCH_SIZE  # global batch
+    epochs: int = PAPER_EPOCHS
+    base_lr: float = _PAPER["base_lr"]
+    warmup_epochs: float = float(PAPER_WARMUP_EPOCHS)  # capped at epochs (a 1-epoch trial run works)
+    weight_decay: float = _PAPER["weight_decay"]
+    momentum: float = PAPER_MOMENTUM
+    trust_coefficient: float = PAPER_TRUST_COEFFICIENT
 
     def __post_init__(self) -> None:
-        _one_of("optim.name", self.name, ("lars", "sgd", "adamw"))
+        from byol.optim import OPTIMIZERS
+
+        _one_of("optim.name", self.name, OPTIMIZERS)
         _check(self.batch_size >= 2, "optim.batch_size", ">= 2 (BN needs two samples)", self.batch_size)
         _check(self.epochs >= 1, "optim.epochs", ">= 1", self.epochs)
         _check(self.base_lr > 0, "optim.base_lr", "> 0", self.base_lr)
@@ -229,7 +240,7 @@ class Train:
 
 @dataclass(frozen=True)
 class Eval:
-    """Evaluation during and after pretraining: weighted kNN on frozen features (PAPER.md §5),
+    """Evaluation during and after pretraining: weighted kNN on frozen features (docs/method.md §5),
     an online linear classifier on detached representations and collapse diagnostics."""
 
     knn_k: int = 200

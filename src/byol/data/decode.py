@@ -23,7 +23,7 @@ import torchvision.io
 from PIL import Image, ImageOps
 
 from byol.data.errors import DataError
-from byol.data.headers import (DEFAULT_MAX_PIXELS, HEAD_BYTES, PIL_ERRORS, ImageHeader,
+from byol.data.headers import (DEFAULT_MAX_PIXELS, HEAD_BYTES, PIL_ERRORS, PIL_FORMATS, ImageHeader,
                                allow_pil_pixels, header_kind, open_regular, os_reason, pil_why,
                                pixel_limit_reason, read_header_from)
 
@@ -109,7 +109,7 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
 def _decode_pil(f: BinaryIO, max_pixels: int | None) -> torch.Tensor:
     allow_pil_pixels(max_pixels)
     f.seek(0)
-    with Image.open(f) as im:
+    with Image.open(f, formats=PIL_FORMATS) as im:
         # The size PIL reads (the same header, parsed again) is held to the limit too.
         reason = pixel_limit_reason(ImageHeader(None, *im.size), max_pixels)
         if reason is not None:

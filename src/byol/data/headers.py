@@ -33,6 +33,10 @@ HEAD_BYTES = 32
 _MAX_SEGMENTS = 1024
 # What PIL raises on malformed files (its plugins are not uniform: a TIFF without its size
 # raises TypeError, a bad table KeyError or IndexError); any of them means the file is unusable.
+# The only PIL plugins that may open a file: the formats the folder scan takes. Others (EPS, which
+# runs Ghostscript; PSD; ...) never see a file, whatever its name or content.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+Image.init()  # registers every plugin, so each of PIL_FORMATS can be asked for by name
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError,
               struct.error, Image.DecompressionBombError)
 
@@ -217,7 +221,7 @@ def _pil_size(f: BinaryIO, max_pixels: int | None) -> tuple[int, int]:
         with warnings.catch_warnings():
             # Above max_pixels PIL warns; the caller refuses such an image with its own reason.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(f) as im:
+            with Image.open(f, formats=PIL_FORMATS) as im:
                 return im.size
     except Image.DecompressionBombError as e:  # more than twice max_pixels
         raise DataError(f"image exceeds data.max_pixels={max_pixels} ({e})") from None

@@ -1,4 +1,4 @@
-"""On-disk cache of frozen features for the fast linear evaluation (PAPER.md §5).
+"""On-disk cache of frozen features for the fast linear evaluation (docs/method.md §5).
 
 Extracting features is the slow part of a linear probe; the classifier sweep on top takes
 seconds. Features are a pure function of (encoder weights, images, transform), so they are
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from byol.eval.features import extract_features
+from byol.files import atomic_path
 
 # Part of every key: bump it when the stored layout or the extraction itself changes.
 CACHE_FORMAT = 1
@@ -57,18 +56,11 @@ def _load(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _save(path: Path, features: torch.Tensor, labels: torch.Tensor, key_parts: dict) -> None:
-    """Write to a temp file beside ``path`` and rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write ``path`` atomically (``byol.files.atomic_path``): a crash never leaves half a file."""
+    with atomic_path(path) as tmp:
         # the key's ingredients ride along as metadata, so a cache file can be traced back
-        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, tmp,
+        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp),
                   metadata={"key_parts": json.dumps(key_parts, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cached_features(

@@ -10,10 +10,13 @@ import torch
 
 from byol.config import Config, config_from_dict
 from byol.data.errors import DataError
-from byol.data.loader import Transformed, default_workers, make_eval_transform
+from byol.data.sources import Transformed
+from byol.data.transforms import make_eval_transform
+from byol.data.workers import default_workers
 from byol.eval.data import eval_splits
 from byol.eval.knn import evaluate_knn
 from byol.models.build import build_encoder, build_model
+from byol.seeding import seeded
 from byol.train.runtime import resolve_device
 from byol.train.run import write_json
 from byol.train.checkpoint import LAST, find_checkpoint, load_checkpoint, load_newest
@@ -37,7 +40,7 @@ class LoadedRun(NamedTuple):
         return "" if self.checkpoint.name == LAST else f"_{self.checkpoint.stem}"
 
 
-def load_run(run_or_checkpoint: str | Path) -> LoadedRun:
+def load_checkpoint_run(run_or_checkpoint: str | Path) -> LoadedRun:
     """A run directory (its checkpoints/last.pt) or a checkpoint file -> LoadedRun."""
     ckpt = find_checkpoint(run_or_checkpoint)
     # one read: the hash is of exactly the bytes loaded, even if a run still training replaces
@@ -68,8 +71,7 @@ def eval_encoder(run: LoadedRun, random_init: bool, seed: int, device: torch.dev
     """The run's online encoder f, or (``random_init``) an untrained one of the same architecture
     drawn from ``seed`` alone (the floor), on ``device`` in the run's memory format."""
     if random_init:
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only; the caller's is untouched
-            torch.default_generator.manual_seed(seed)
+        with seeded(seed):  # the CPU generator only; the caller's is untouched
             encoder = build_encoder(run.cfg)
     else:
         encoder = run.model.encoder
@@ -92,7 +94,7 @@ def knn_command(run: str, *, train: str | None = None, test: str | None = None, 
                 device: str = "auto", workers: int | None = None, random_init: bool = False,
                 seed: int = 0) -> dict:
     """Weighted kNN of the run's online encoder on folders (or the run's own held-out split)."""
-    loaded = load_run(run)
+    loaded = load_checkpoint_run(run)
     cfg = loaded.cfg
     dev = resolve_device(device, what="--device")
     k = cfg.eval.knn_k if k is None else k

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset, Subset
 
 from byol.config import Config
 from byol.data.errors import DataError
-from byol.data.folder import ImageFolderDataset, split_per_class
-from byol.data.loader import labels_of, open_images
+from byol.data.folder import ImageFolderDataset
+from byol.data.sources import heldout_split, labels_of, open_images
 from byol.data.shapes import ShapesDataset
 
 
@@ -71,9 +71,10 @@ def folder_tag(path: str) -> str:
 def eval_splits(cfg: Config, train: str | None = None, test: str | None = None,
                 what: str = "eval", n_train: int | None = None) -> EvalSplits:
     """Folders ``train`` and ``test`` (both or neither); neither: the run's own data, split per
-    class by ``data.val_fraction`` and ``data.seed`` exactly as pretraining split it. ``n_train``
-    (the number of images the run trained on) guards that split: if the folder changed since,
-    the split would differ and images the encoder trained on could land in the test set."""
+    class by ``data.val_fraction`` and ``data.seed`` exactly as pretraining split it (both call
+    ``heldout_split``). ``n_train`` (the number of images the run trained on) guards that split:
+    if the folder changed since, the split would differ and images the encoder trained on could
+    land in the test set."""
     if (train is None) != (test is None):
         raise DataError(f"{what}: give both --train and --test, or neither (the run's held-out split)")
     if train is not None:
@@ -82,14 +83,13 @@ def eval_splits(cfg: Config, train: str | None = None, test: str | None = None,
         return EvalSplits(train_ds, test_ds, list(train_ds.classes), tag=folder_tag(test),
                           train_source=str(Path(train).resolve()), test_source=str(Path(test).resolve()))
     raw = open_images(cfg.data)
-    labels = labels_of(raw)
-    if labels is None:
+    if labels_of(raw) is None:
         raise DataError(f"{what}: the run's data {cfg.data.path} has no class subfolders; "
                         "give labelled --train and --test folders")
     if cfg.data.val_fraction == 0:
         raise DataError(f"{what}: the run held out no images (data.val_fraction=0); "
                         "give --train and --test folders")
-    train_idx, test_idx = split_per_class(labels, cfg.data.val_fraction, cfg.data.seed)
+    train_idx, test_idx = heldout_split(cfg.data, raw)  # the split build_pretrain_data made
     source = cfg.data.path or cfg.data.dataset
     if n_train is not None and len(train_idx) != n_train:
         raise DataError(f"{what}: the run trained on {n_train} images of {source} but its split now "

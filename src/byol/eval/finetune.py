@@ -1,4 +1,4 @@
-"""The supervised protocols of PAPER.md §5 on a pretrained run: the paper's linear evaluation and
+"""The supervised protocols of docs/method.md §5 on a pretrained run: the paper's linear evaluation and
 semi-supervised fine-tuning on a class-balanced fraction of the labels.
 
     byol eval linear runs/NAME --protocol paper            # frozen encoder, 80 epochs
@@ -19,8 +19,10 @@ from torch.utils.data import Subset
 
 from byol.config import Config
 from byol.data.errors import DataError
-from byol.data.loader import Transformed, default_workers, make_eval_transform
-from byol.eval.commands import eval_encoder, load_run, write_result
+from byol.data.sources import Transformed
+from byol.data.transforms import make_eval_transform
+from byol.data.workers import default_workers
+from byol.eval.commands import eval_encoder, load_checkpoint_run, write_result
 from byol.eval.data import EvalSplits, eval_splits, sample_ids, sample_labels
 from byol.eval.supervised import train_classifier, train_transform
 from byol.optim.schedules import scaled_lr
@@ -91,7 +93,7 @@ def _common_rules(epochs: int, batch_size: int, seed: int,
 def _prepare(run: str, train: str | None, test: str | None, what: str, device: str,
              random_init: bool, seed: int):
     """-> (LoadedRun, encoder on the device, EvalSplits, device)."""
-    loaded = load_run(run)
+    loaded = load_checkpoint_run(run)
     dev = resolve_device(device, what="--device")
     splits = eval_splits(loaded.cfg, train, test, what=what, n_train=loaded.n_train)
     return loaded, eval_encoder(loaded, random_init, seed, dev), splits, dev
@@ -109,7 +111,7 @@ def paper_linear_command(run: str, *, train: str | None = None, test: str | None
                          epochs: int = 80, batch_size: int = 256, base_lr: float = 0.2,
                          device: str = "auto", workers: int | None = None, seed: int = 0,
                          random_init: bool = False) -> dict:
-    """Linear evaluation of PAPER.md §5: frozen encoder (BN in eval mode), crop + flip while
+    """Linear evaluation of docs/method.md §5: frozen encoder (BN in eval mode), crop + flip while
     training, centre crop at test, SGD Nesterov 0.9, lr = base_lr * batch / 256 cosine, no
     weight decay. Writes run_dir/eval/linear_paper_<tag>.json."""
     what = "eval linear --protocol paper"
@@ -159,7 +161,7 @@ def finetune_command(run: str, *, labels_fraction: float = 0.1, labels_file: str
                      batch_size: int = 256, lr: float = FINETUNE_LR, weight_decay: float = 0.0,
                      device: str = "auto", workers: int | None = None, seed: int = 0,
                      random_init: bool = False) -> dict:
-    """Semi-supervised fine-tuning of PAPER.md §5: encoder + linear head trained end to end
+    """Semi-supervised fine-tuning of docs/method.md §5: encoder + linear head trained end to end
     (SGD Nesterov 0.9, cosine lr) on a class-balanced ``labels_fraction`` of the train split,
     or on the subset listed in ``labels_file`` (then ``labels_fraction`` is not used).
     Writes run_dir/eval/finetune_<pct>pct_<tag>.json and the subset list beside it."""

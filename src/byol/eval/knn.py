@@ -1,4 +1,4 @@
-"""Weighted kNN classifier on frozen features (PAPER.md §5, kNN monitor).
+"""Weighted kNN classifier on frozen features (docs/method.md §5, kNN monitor).
 
 Each test sample votes with its k nearest training samples by cosine similarity s, weighted by
 exp(s / T) (k = 200, T = 0.1 by default, as in the common monitors of public reproductions).

@@ -1,4 +1,4 @@
-"""Fast linear evaluation on cached frozen features (PAPER.md §5, linear evaluation).
+"""Fast linear evaluation on cached frozen features (docs/method.md §5, linear evaluation).
 
 The paper trains the linear classifier on augmented crops through the frozen encoder (80
 epochs). Here the features of centre crops are extracted once (``byol.eval.cache``) and a
@@ -19,9 +19,11 @@ from torch import nn
 from byol.config import Config, config_to_dict
 from byol.data.errors import DataError
 from byol.data.folder import split_per_class
-from byol.data.loader import Transformed, default_workers, make_eval_transform
+from byol.data.sources import Transformed
+from byol.data.transforms import make_eval_transform
+from byol.data.workers import default_workers
 from byol.eval.cache import Features, cached_features
-from byol.eval.commands import LoadedRun, eval_encoder, load_run, write_result
+from byol.eval.commands import LoadedRun, eval_encoder, load_checkpoint_run, write_result
 from byol.eval.data import EvalSplits, eval_splits, fingerprint, sample_labels
 from byol.eval.knn import accuracy
 from byol.eval.probe import (
@@ -64,7 +66,7 @@ def fast_linear_command(run: str, *, train: str | None = None, test: str | None 
                         epochs: int | None = None, batch_size: int | None = None,
                         device: str = "auto", workers: int | None = None, random_init: bool = False,
                         seed: int = 0, cache: bool = True) -> dict:
-    """Fast linear evaluation (PAPER.md §5) of a run's online encoder, or with ``random_init``
+    """Fast linear evaluation (docs/method.md §5) of a run's online encoder, or with ``random_init``
     of a fresh encoder of the same architecture (the floor), on the run's held-out split or on
     ``train`` / ``test`` folders. ``batch_size`` is the classifier's mini-batch; features are
     extracted with ``eval.batch_size`` and cached (``cache=False``: neither read nor written).
@@ -79,7 +81,7 @@ def fast_linear_command(run: str, *, train: str | None = None, test: str | None 
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     check_sweep(lrs, weight_decays, epochs, batch_size)
     _check_command_args(val_fraction, seed, workers)
-    loaded = load_run(run)
+    loaded = load_checkpoint_run(run)
     cfg, ckpt, run_dir = loaded.cfg, loaded.checkpoint, loaded.run_dir
     dev = resolve_device(device, what="--device")
     splits = eval_splits(cfg, train, test, what="eval linear", n_train=loaded.n_train)

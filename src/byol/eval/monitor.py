@@ -1,7 +1,7 @@
 """What pretraining watches without touching the encoder: collapse diagnostics, an online linear
 classifier on detached representations, and a kNN monitor on the held-out split.
 
-- ``collapse_stats``: the per-dimension std of L2-normalised projections times sqrt(d) (PAPER.md §8:
+- ``collapse_stats``: the per-dimension std of L2-normalised projections times sqrt(d) (docs/method.md §8:
   about 1 when the projections spread over the sphere, 0 when every image maps to one point) and the
   effective rank of the projections z and representations y of a batch.
 - ``OnlineLinear``: as the official implementation, a linear classifier trained beside BYOL on
@@ -19,6 +19,7 @@ from torch import nn
 from byol.eval.features import extract_features
 from byol.eval.knn import accuracy, knn_predict
 from byol.models.byol import normalized_std
+from byol.seeding import seeded
 
 
 @torch.no_grad()
@@ -81,8 +82,7 @@ class OnlineLinear(nn.Module):
         if num_classes < 2:
             raise ValueError(f"OnlineLinear needs >= 2 classes, got {num_classes}")
         self.norm = nn.BatchNorm1d(feature_dim, affine=False)
-        with torch.random.fork_rng(devices=[]):  # nn.Linear initialises from the global RNG
-            torch.default_generator.manual_seed(seed)  # the CPU generator only
+        with seeded(seed):  # nn.Linear initialises from the global (CPU) RNG
             self.fc = nn.Linear(feature_dim, num_classes)
         self.optimizer = torch.optim.Adam(self.fc.parameters(), lr=lr)
         self.register_buffer("correct", torch.zeros((), dtype=torch.long))
@@ -139,7 +139,7 @@ def monitor_eval(encoder: nn.Module, bank, test, *, num_classes: int, k: int, te
     RNG stream is left as it was, so a run with monitors trains exactly as one without.
     """
     kw = dict(batch_size=batch_size, device=device, workers=workers, progress=progress)
-    with torch.random.fork_rng(devices=[]):
+    with seeded():  # whatever extraction draws, the run's stream is left as it was
         fb, lb = extract_features(encoder, bank, desc="kNN bank", **kw)
         ft, lt = extract_features(encoder, test, desc="kNN test", **kw)
     scores = knn_predict(fb, lb, ft, num_classes=num_classes, k=k, temperature=temperature)

@@ -1,4 +1,4 @@
-"""Training a classifier on labelled images: the linear and fine-tuning protocols of PAPER.md §5.
+"""Training a classifier on labelled images: the linear and fine-tuning protocols of docs/method.md §5.
 
 One loop serves both. ``freeze_encoder=True`` is linear evaluation: the encoder stays in eval
 mode (BN uses and keeps its running statistics), runs under ``no_grad`` and only the linear head
@@ -8,7 +8,7 @@ crop + flip while training and the centre-crop transform at test.
 
 Determinism: the order of each epoch comes from a seeded permutation (``ResumableSampler``) and
 the augmentation of image i in epoch e from an RNG seeded by (seed, e, i), as the pretraining
-views are (``byol.data.loader.SeededViews``), so the result does not depend on the worker count.
+views are (``byol.data.seeded.SeededSamples``), so the result does not depend on the worker count.
 """
 from __future__ import annotations
 
@@ -25,15 +25,18 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from tqdm import tqdm
 
-from byol.data.loader import ResumableSampler, loader, sample_seed
+from byol.data.sampler import ResumableSampler
+from byol.data.seeded import SeededSamples
+from byol.data.workers import loader
 from byol.eval.features import extract_features
 from byol.eval.knn import accuracy
 from byol.optim.schedules import warmup_cosine_lr
+from byol.seeding import seeded
 
 
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float],
                     crop_scale: tuple[float, float] = (0.08, 1.0)) -> v2.Compose:
-    """Random crop + flip of PAPER.md §5 for training a classifier.
+    """Random crop + flip of docs/method.md §5 for training a classifier.
 
     uint8 ``[3, H, W]`` -> random resized crop (area ~ U[crop_scale], bicubic as the
     pretraining crop) -> horizontal flip (p = 0.5) -> float32 ``[3, size, size]`` normalised.
@@ -49,27 +52,6 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float],
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(mean), std=list(std)),
     ])
-
-
-class SeededSamples(Dataset):
-    """(epoch, i) -> ``base[i]`` drawn with the global CPU RNG seeded by (seed, epoch, i).
-
-    ``base`` applies a random transform that draws from the global torch RNG (torchvision v2
-    does); forking the RNG makes image i of epoch e the same in any worker, in any order,
-    and leaves the caller's RNG stream untouched.
-    """
-
-    def __init__(self, base: Dataset, seed: int) -> None:
-        self.base, self.seed = base, seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, i = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))  # CPU generator only
-            return self.base[i]
 
 
 def _check_args(n_train: int, freeze_encoder: bool, epochs: int, batch_size: int, lr: float,
@@ -93,8 +75,7 @@ def _check_args(n_train: int, freeze_encoder: bool, epochs: int, batch_size: int
 
 def _seeded_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
     """The linear classifier on y [B, D] -> logits [B, C], initialised from ``seed`` alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+    with seeded(seed):
         return nn.Linear(feature_dim, num_classes)
 
 

@@ -1,4 +1,4 @@
-"""Encoders f (PAPER.md §2): torchvision ResNets with a width multiplier and a CIFAR stem.
+"""Encoders f (docs/method.md §2): torchvision ResNets with a width multiplier and a CIFAR stem.
 
 The blocks are torchvision's own (``BasicBlock``, ``Bottleneck``); only the stem and the channel
 widths are ours, because torchvision's ``ResNet`` hard-codes 64/128/256/512 channels and the paper
@@ -32,7 +32,7 @@ class ResNet(nn.Module):
 
     D = 512 * width (ResNet-18/34) or 2048 * width (ResNet-50 and deeper); ``feature_dim`` says
     which. ``cifar_stem`` swaps the 7x7/2 convolution and max-pool for one 3x3/1 convolution,
-    the usual adaptation to 32-px images (PAPER.md §2).
+    the usual adaptation to 32-px images (docs/method.md §2).
     """
 
     def __init__(

@@ -1,19 +1,36 @@
-"""Config -> BYOL model (the only place that reads the Model and Method sections)."""
+"""Config -> BYOL model: the only place that reads the Model and Method sections.
+
+It assembles the method from its parts (docs/method.md §1, §7): the encoder f, the projector g,
+the predictor q or none, the target strategy, the loss and, for MoCo, the queue of negatives.
+Every string of the config is resolved here, once.
+"""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from byol import distributed
 from byol.config import Config
+from byol.losses import InfoNCELoss, RegressionLoss
 from byol.models.backbones import resnet
 from byol.models.byol import BYOL
+from byol.models.heads import MLPHead
 from byol.models.norms import remove_batchnorm
+from byol.models.queue import NegativeQueue
+from byol.models.targets import EMATarget, OnlineTarget, StopGradTarget
+
+# method.target -> the target strategy (model.target_init: how the EMA target starts)
+TARGETS = {
+    "ema": lambda init: EMATarget(independent=init == "independent"),
+    "online_stopgrad": lambda init: StopGradTarget(),
+    "online": lambda init: OnlineTarget(),
+}
 
 
 def build_encoder(cfg: Config):
     """The encoder f described by ``cfg.model`` (random init)."""
     m = cfg.model
-    # BN-free init (PAPER.md §8): the BN network is built first, with the last norm of each
+    # BN-free init (docs/method.md §8): the BN network is built first, with the last norm of each
     # residual block at 0 (the paper's gamma_0 = 0); build_model removes its BN layers.
     return resnet(m.backbone, width=m.width, cifar_stem=m.cifar_stem, norm=m.backbone_norm,
                   zero_init_residual=m.bn_free_init)
@@ -34,38 +51,41 @@ def _bn_free_parts(heads: bool) -> tuple[str, ...] | None:
 def bn_free_init(model: BYOL, x: torch.Tensor, heads: bool = True) -> BYOL:
     """Replace every BN layer of ``model`` (encoders, and heads unless ``heads`` is False; online
     and target) by the affine that reproduces its output on the calibration batch ``x``
-    [B, 3, H, W] (PAPER.md §8)."""
-    def run():
-        model.predictor(model.projector(model.encoder(x)))
-        if model.target_mode == "ema":
-            model.target_projector(model.target_encoder(x))
-    return remove_batchnorm(model, run, only=_bn_free_parts(heads))
+    [B, 3, H, W] (docs/method.md §8)."""
+    return remove_batchnorm(model, lambda: model.calibrate(x), only=_bn_free_parts(heads))
+
+
+def build_loss(cfg: Config):
+    """``method.loss``: the regression loss, or InfoNCE with the batch negatives of every rank."""
+    method = cfg.method
+    if method.loss == "regression":
+        return RegressionLoss()
+    gather = distributed.gather_with_grad if distributed.world_size() > 1 else None
+    return InfoNCELoss(alpha=method.alpha, beta=method.beta, gather=gather)
+
+
+def build_queue(cfg: Config) -> NegativeQueue | None:
+    """MoCo's queue of ``method.queue_size`` past target projections (every rank's), or None."""
+    if not cfg.method.queue_size:
+        return None
+    gather = distributed.gather if distributed.world_size() > 1 else None
+    return NegativeQueue(cfg.method.queue_size, cfg.model.projector_out, gather=gather)
 
 
 def build_model(cfg: Config, *, keep_bn: bool = False) -> BYOL:
-    """BYOL(online f, g, q; target f, g) from ``cfg`` (random init from the global RNG). With
-    ``model.bn_free_init`` its BN layers are already affine (the structure of a checkpoint) unless
-    ``keep_bn``: then ``bn_free_init`` must follow, with a calibration batch."""
+    """BYOL(online f, g, q; target) from ``cfg`` (random init from the global RNG, in the order
+    f, g, q, target). With ``model.bn_free_init`` its BN layers are already affine (the structure
+    of a checkpoint) unless ``keep_bn``: then ``bn_free_init`` must follow, with a calibration
+    batch."""
     m, method = cfg.model, cfg.method
     encoder = build_encoder(cfg)
-    model = BYOL(
-        encoder,
-        encoder.feature_dim,
-        projector_hidden=m.projector_hidden,
-        projector_out=m.projector_out,
-        predictor_hidden=m.predictor_hidden,
-        head_norm=m.head_norm,
-        predictor_norm=m.predictor_norm,
-        predictor=method.predictor,
-        target=method.target,
-        loss=method.loss,
-        alpha=method.alpha,
-        beta=method.beta,
-        queue_size=method.queue_size,
-        gather=distributed.gather_with_grad if distributed.world_size() > 1 else None,
-        target_init=m.target_init,
-        concat_views=m.concat_views,
-    )
+    projector = MLPHead(encoder.feature_dim, m.projector_hidden, m.projector_out, m.head_norm)
+    predictor_norm = m.predictor_norm or m.head_norm
+    predictor = (MLPHead(m.projector_out, m.predictor_hidden, m.projector_out, predictor_norm)
+                 if method.predictor else nn.Identity())
+    model = BYOL(encoder, encoder.feature_dim, projector=projector, predictor=predictor,
+                 target=TARGETS[method.target](m.target_init), loss=build_loss(cfg), queue=build_queue(cfg),
+                 concat_views=m.concat_views)
     if m.bn_free_init and not keep_bn:
         remove_batchnorm(model, only=_bn_free_parts(m.bn_free_heads))
     return model

@@ -1,122 +1,95 @@
-"""The BYOL module (PAPER.md §1): online network (f, g, q), target network (f, g).
+"""The BYOL module (docs/method.md §1): online network (f, g, q) and a target, from parts.
 
-    model = BYOL(backbone, feature_dim=2048)
-    loss, stats = model(view1, view2)      # symmetric 2 - 2cos, target under no_grad
-    loss.backward(); opt.step(); model.update_target(tau)
+    model = BYOL(backbone, feature_dim=2048)  # BYOL: MLP heads, EMA target, regression loss
+    out = model(view1, view2)                 # ForwardOutput: loss, stats, y and z of view 1
+    out.loss.backward(); opt.step(); model.update_target(tau); model.update_queue()
 
-The EMA update is an explicit call, never a side effect of ``forward`` (STYLE.md rule 11).
+The members of the family (docs/method.md §7) differ only in the parts ``models/build.py``
+assembles from the config: the predictor q (or none), the target strategy (``models/targets.py``:
+EMA, online with stop-gradient, online), the loss (``losses.RegressionLoss``/``InfoNCELoss``) and
+an optional MoCo queue (``models/queue.py``). Each is chosen once, here; ``forward`` and the
+updates test no mode. The EMA and the queue append are explicit calls after the optimizer step,
+never side effects of ``forward`` on the parameters or buffers.
 """
 from __future__ import annotations
 
-import copy
-from functools import partial
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from byol import distributed
-from byol.losses import symmetric_infonce_loss, symmetric_regression_loss
+from byol.losses import InfoNCELoss, RegressionLoss
 from byol.models.heads import MLPHead
 from byol.models.queue import NegativeQueue
-
-TARGET_MODES = ("ema", "online_stopgrad", "online")
-TARGET_INITS = ("independent", "copy")
-LOSSES = ("regression", "infonce")
+from byol.models.targets import EMATarget, OnlineTarget
 
 
-def reinitialize(module: nn.Module) -> None:
-    """Draw fresh weights for ``module`` from the global RNG.
+@dataclass
+class ForwardOutput:
+    """What one forward pass gives: the loss (with its graph) and detached tensors for the logs
+    and monitors, computed anyway by the forward (no extra cost)."""
 
-    Uses the module's own ``reset_parameters`` when it has one (our ResNet re-runs torchvision's
-    initialisation), otherwise that of every submodule that defines it.
-    """
-    if hasattr(module, "reset_parameters"):
-        module.reset_parameters()
-        return
-    for m in module.modules():
-        if m is not module and hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+    loss: torch.Tensor  # scalar: l(q(g(f(v1))), z2') + l(q(g(f(v2))), z1'), batch-averaged
+    stats: dict[str, torch.Tensor]  # detached scalars: "loss", "z_std" (normalized_std of z1)
+    representation: torch.Tensor  # y1 = f(v1) [B, D], detached
+    projection: torch.Tensor  # z1 = g(y1) [B, d], detached
+
+    def detach(self) -> ForwardOutput:
+        """The same outputs with the loss detached too (its graph spent by the backward)."""
+        return dataclasses.replace(self, loss=self.loss.detach())
 
 
 class BYOL(nn.Module):
-    """Online f_θ, g_θ, q_θ and target f_ξ, g_ξ around a user ``backbone`` [B,3,H,W] -> [B,D].
+    """Online f_θ, g_θ, q_θ around a user ``encoder`` [B,3,H,W] -> [B,D], and a target.
 
     Args:
-        backbone: the online encoder f; ``feature_dim`` is D, the size of its output y.
-        projector_hidden/projector_out: g is D -> hidden -> out (4096 -> 256 in the paper).
-        predictor_hidden: q is out -> hidden -> out.
-        head_norm: normalisation in the hidden layer of the projector ("bn", "ln", "none"), and
-            of the predictor unless ``predictor_norm`` is given (PAPER.md §8).
-        predictor: False drops q (an ablation of PAPER.md §7).
-        target: "ema" (BYOL), "online_stopgrad" (SimSiam: z' is the online projection,
-            detached) or "online" (no stop-gradient).
-        target_init: "independent" (fresh weights, as the official code) or "copy" of online.
+        encoder: the online encoder f; ``feature_dim`` is D, the size of its output y.
+        projector: g, [B, D] -> [B, d]; default ``MLPHead(feature_dim)`` (D -> 4096 -> 256, BN).
+        predictor: q, [B, d] -> [B, d]; default ``MLPHead(d, 4096, d)`` with d the projector's
+            ``out_dim``. ``nn.Identity()`` drops q (an ablation of docs/method.md §7).
+        target: the target strategy (``models/targets.py``); default ``EMATarget()`` (BYOL,
+            fresh target weights). Its networks are built here from the online f and g.
+        loss: ``RegressionLoss()`` (2 - 2cos, the default) or ``InfoNCELoss(alpha, beta, gather)``.
+        queue: a ``NegativeQueue`` of past target projections, the InfoNCE negatives instead of
+            the batch (MoCo); needs a loss with negatives. The queue starts empty: its first step
+            has no negatives, so its loss is exactly 2 per direction (no gradient from the log).
         concat_views: run both views as one batch (mixes their BN statistics; off by default,
-            PAPER.md §1).
-        loss: "regression" (2 - 2cos, BYOL) or "infonce", the generalized objective of PAPER.md
-            §7 with temperature ``alpha`` and negative weight ``beta`` (negatives from the batch,
-            both views; beta = 0 is the regression loss).
-        queue_size: > 0 takes the InfoNCE negatives from a FIFO queue of that many past target
-            projections (MoCo) instead of the batch; ``update_queue`` appends, after the step.
-        gather: [b, D] -> ([world * b, D], offset), differentiable (``distributed.gather_with_grad``)
-            to draw batch negatives from every rank under DDP; then the queue appends every rank's
-            keys too (``distributed.gather``). The queue starts empty: its first step has no
-            negatives, so its loss is exactly 2 (no gradient), as with one positive and nothing else.
+            docs/method.md §1).
+
+    State-dict names: ``encoder.*``, ``projector.*``, ``predictor.*``, the target's networks
+    (``target_encoder.*``, ``target_projector.*`` for the EMA target) and ``queue.*``.
     """
 
     def __init__(
         self,
-        backbone: nn.Module,
+        encoder: nn.Module,
         feature_dim: int,
         *,
-        projector_hidden: int = 4096,
-        projector_out: int = 256,
-        predictor_hidden: int = 4096,
-        head_norm: str = "bn",
-        predictor_norm: str | None = None,
-        predictor: bool = True,
-        target: str = "ema",
-        target_init: str = "independent",
+        projector: nn.Module | None = None,
+        predictor: nn.Module | None = None,
+        target: EMATarget | OnlineTarget | None = None,
+        loss: RegressionLoss | InfoNCELoss | None = None,
+        queue: NegativeQueue | None = None,
         concat_views: bool = False,
-        loss: str = "regression",
-        alpha: float = 0.1,
-        beta: float = 0.0,
-        queue_size: int = 0,
-        gather=None,
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"method.loss must be one of {LOSSES}, got {loss!r}")
-        # chosen once: no string test in the hot path (DESIGN.md "Method variants")
-        self.loss_fn = (partial(symmetric_infonce_loss, alpha=alpha, beta=beta, gather=gather)
-                        if loss == "infonce" else symmetric_regression_loss)
-        if queue_size and not (loss == "infonce" and beta > 0):
-            raise ValueError("method.queue_size > 0 needs method.loss=infonce with method.beta > 0 "
-                             "(the queue holds the negatives)")
-        self.queue = NegativeQueue(queue_size, projector_out) if queue_size else None
-        self._gather_keys = distributed.gather if gather is not None else None
-        if target not in TARGET_MODES:
-            raise ValueError(f"method.target must be one of {TARGET_MODES}, got {target!r}")
-        if target_init not in TARGET_INITS:
-            raise ValueError(f"model.target_init must be one of {TARGET_INITS}, got {target_init!r}")
-        self.encoder = backbone
-        self.projector = MLPHead(feature_dim, projector_hidden, projector_out, head_norm)
-        self.predictor = (
-            MLPHead(projector_out, predictor_hidden, projector_out, predictor_norm or head_norm)
-            if predictor
-            else nn.Identity()
-        )
-        self.target_mode = target
+        self.loss = loss if loss is not None else RegressionLoss()
+        if queue is not None and not self.loss.has_negatives:
+            raise ValueError("a queue of negatives (method.queue_size > 0) needs a loss with negatives "
+                             "(method.loss=infonce with method.beta > 0)")
+        self.queue = queue  # registered first: the order of the state dict's keys, as ever
+        self.encoder = encoder
+        self.projector = projector if projector is not None else MLPHead(feature_dim)
+        self.predictor = predictor if predictor is not None else MLPHead(self.projector.out_dim)
+        self.target = target if target is not None else EMATarget()
+        for name, module in self.target.networks(self.encoder, self.projector).items():
+            self.add_module(name, module)
         self.concat_views = concat_views
         self.feature_dim = feature_dim
-        if target == "ema":
-            self.target_encoder = copy.deepcopy(self.encoder)
-            self.target_projector = copy.deepcopy(self.projector)
-            if target_init == "independent":
-                reinitialize(self.target_encoder)
-                reinitialize(self.target_projector)
-            for p in self.target_parameters():
-                p.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return f"target={self.target!r}, loss={self.loss!r}, concat_views={self.concat_views}"
 
     # -- parameters ---------------------------------------------------------------------------
     def online_parameters(self) -> list[nn.Parameter]:
@@ -124,23 +97,25 @@ class BYOL(nn.Module):
         return [*self.encoder.parameters(), *self.projector.parameters()]
 
     def target_parameters(self) -> list[nn.Parameter]:
-        """ξ: parameters of (f_ξ, g_ξ); empty unless target == "ema"."""
-        if self.target_mode != "ema":
-            return []
-        return [*self.target_encoder.parameters(), *self.target_projector.parameters()]
+        """ξ: parameters of the target network (f_ξ, g_ξ); empty without one."""
+        return self.target.parameters(self)
 
+    # -- the updates after the optimizer step ---------------------------------------------------
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
-        """ξ <- τ ξ + (1 - τ) θ (PAPER.md §1), one fused foreach op over all parameters.
+        """ξ <- τ ξ + (1 - τ) θ (docs/method.md §1) for the EMA target; a no-op for the others.
 
         Only parameters are averaged: BN running statistics of the target are its own.
-        Call after the optimizer step. A no-op unless target == "ema".
         """
-        if self.target_mode != "ema":
-            return
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"update_target: tau must be in [0, 1], got {tau}")
-        torch._foreach_lerp_(self.target_parameters(), self.online_parameters(), 1.0 - tau)
+        self.target.update(self, tau)
+
+    @torch.no_grad()
+    def update_queue(self) -> None:
+        """MoCo: append the last forward's target projections to the queue, after the step, so
+        they become negatives of the next steps. A no-op without a queue. Under DDP every rank
+        calls it in the same order (it all-gathers the keys)."""
+        if self.queue is not None:
+            self.queue.commit()
 
     # -- forward ------------------------------------------------------------------------------
     def _online(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
@@ -155,45 +130,29 @@ class BYOL(nn.Module):
         zs = [self.projector(y) for y in ys]
         return ys, zs, [self.predictor(z) for z in zs]
 
-    def _target(self, views: list[torch.Tensor], online_z: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Target projections z' per view. The one place where stop-gradient happens."""
-        if self.target_mode == "online":
-            return online_z
-        if self.target_mode == "online_stopgrad":
-            return [z.detach() for z in online_z]
-        with torch.no_grad():
-            if self.concat_views:
-                return list(self.target_projector(self.target_encoder(torch.cat(views))).chunk(2))
-            # Each view separately: per-view BN statistics, as the official code.
-            return [self.target_projector(self.target_encoder(v)) for v in views]
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> ForwardOutput:
+        """Views [B, 3, H, W] x2 -> ForwardOutput.
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor, *, return_outputs: bool = False):
-        """Views [B, 3, H, W] x2 -> (loss scalar, stats of detached tensors).
-
-        loss = l(q(g(f(v1))), g_ξ(f_ξ(v2))) + l(q(g(f(v2))), g_ξ(f_ξ(v1))), batch-averaged.
-        With ``return_outputs`` also a third item, {"representation": y1 [B, D], "projection":
-        z1 [B, d]} of the first view, detached: what the monitors read, at no extra forward cost.
+        loss = l(q(g(f(v1))), z2') + l(q(g(f(v2))), z1'), batch-averaged, z' from the target.
+        With a queue, the loss reads the keys of earlier steps and this step's z' are staged
+        for ``update_queue``.
         """
         (y1, _), (z1, z2), (p1, p2) = self._online([v1, v2])
-        t1, t2 = self._target([v1, v2], [z1, z2])
+        t1, t2 = self.target.project(self, [v1, v2], [z1, z2])
         if self.queue is None:
-            loss = self.loss_fn(p1, p2, t1, t2)
+            loss = self.loss(p1, p2, t1, t2)
         else:
-            loss = self.loss_fn(p1, p2, t1, t2, queue=self.queue.keys, queue_valid=self.queue.valid())
+            loss = self.loss(p1, p2, t1, t2, queue=self.queue.keys, queue_valid=self.queue.valid())
+            self.queue.stage(t1, t2)
         stats = {"loss": loss.detach(), "z_std": normalized_std(z1.detach())}
-        if return_outputs:
-            out = {"representation": y1.detach(), "projection": z1.detach()}
-            if self.queue is not None:
-                out["keys"] = (t1.detach(), t2.detach())  # for update_queue, after the step
-            return loss, stats, out
-        return loss, stats
+        return ForwardOutput(loss, stats, y1.detach(), z1.detach())
 
     @torch.no_grad()
-    def update_queue(self, outputs: dict) -> None:
-        """Append this step's target projections (``forward(..., return_outputs=True)["keys"]``)
-        to the MoCo queue: an explicit call, like ``update_target``. A no-op without a queue."""
-        if self.queue is not None:
-            self.queue.push(*outputs["keys"], gather=self._gather_keys)
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Run every network once on ``x`` [B, 3, H, W] (online f, g, q; the target's own): the
+        calibration pass of the BN-free init (``models/build.py``, docs/method.md §8)."""
+        self.predictor(self.projector(self.encoder(x)))
+        self.target.calibrate(self, x)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +161,7 @@ class BYOL(nn.Module):
 
 
 def normalized_std(z: torch.Tensor) -> torch.Tensor:
-    """Collapse monitor (PAPER.md §8): mean per-dimension std of L2-normalised z, times sqrt(d).
+    """Collapse monitor (docs/method.md §8): mean per-dimension std of L2-normalised z, times sqrt(d).
 
     About 1 for well-spread projections, 0 at collapse. [B, d] -> scalar.
     """

@@ -1,4 +1,4 @@
-"""Projector g and predictor q (PAPER.md §2): Linear -> norm -> ReLU -> Linear.
+"""Projector g and predictor q (docs/method.md §2): Linear -> norm -> ReLU -> Linear.
 
 [B, in_dim] -> [B, out_dim]. The paper's heads are 2048 -> 4096 -> 256 (projector) and
 256 -> 4096 -> 256 (predictor), batch norm in the hidden layer and none on the output.
@@ -20,9 +20,9 @@ def _norm(kind: str, dim: int) -> nn.Module:
 
 
 class MLPHead(nn.Module):
-    """Two-layer MLP head. ``norm`` is "bn" (paper), "ln" or "none" (PAPER.md §8 ablations).
+    """Two-layer MLP head. ``norm`` is "bn" (paper), "ln" or "none" (docs/method.md §8 ablations).
 
-    The first Linear keeps its bias and the output Linear has none, as in PAPER.md §2: with
+    The first Linear keeps its bias and the output Linear has none, as in docs/method.md §2: with
     normalisation after the first layer its bias is redundant but harmless; the output feeds a
     cosine, so a bias there only adds a constant direction.
     """

@@ -1,4 +1,4 @@
-"""Normalisation variants of the encoder and heads (PAPER.md §8, Richemond et al. 2020).
+"""Normalisation variants of the encoder and heads (docs/method.md §8, Richemond et al. 2020).
 
 - ``gn_ws``: GroupNorm in place of BatchNorm and weight-standardised convolutions (no batch
   statistics anywhere in the encoder).

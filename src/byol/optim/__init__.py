@@ -1,4 +1,4 @@
-"""Optimisers and schedules of PAPER.md §4: LARS, its parameter groups, and ``build_optimizer``."""
+"""Optimisers and schedules of docs/method.md §4: LARS, its parameter groups, and ``build_optimizer``."""
 from __future__ import annotations
 
 import torch
@@ -25,7 +25,7 @@ def build_optimizer(
     trust_coefficient: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` ("lars" as in PAPER.md §4, or "sgd"/"adamw" as baselines).
+    """The optimizer ``name`` ("lars" as in docs/method.md §4, or "sgd"/"adamw" as baselines).
 
     All three use ``param_groups``, so biases and norm parameters get no weight decay whichever
     optimizer is chosen; only LARS reads the ``lars_adapt`` key, the others do not get it.

@@ -1,4 +1,4 @@
-"""LARS (Layer-wise Adaptive Rate Scaling) as BYOL uses it (PAPER.md §4).
+"""LARS (Layer-wise Adaptive Rate Scaling) as BYOL uses it (docs/method.md §4).
 
 Per parameter w with gradient g, weight decay wd, trust coefficient eta, momentum mu, lr:
 
@@ -33,7 +33,7 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
 
 
 def excluded_from_decay_and_adaptation(model: nn.Module) -> set[str]:
-    """Names of the parameters that LARS leaves alone (PAPER.md §4).
+    """Names of the parameters that LARS leaves alone (docs/method.md §4).
 
     Every bias (a parameter whose own name is ``"bias"``) and every parameter of a
     normalisation layer (``NORM_LAYERS``) gets neither weight decay nor the LARS trust ratio, as in
@@ -57,7 +57,7 @@ def excluded_from_decay_and_adaptation(model: nn.Module) -> set[str]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups (PAPER.md §4): decayed + adapted, and the excluded ones.
+    """Two optimizer groups (docs/method.md §4): decayed + adapted, and the excluded ones.
 
     ``[{"params": regular, "weight_decay": weight_decay, "lars_adapt": True},
     {"params": excluded, "weight_decay": 0.0, "lars_adapt": False}]``; frozen parameters
@@ -88,7 +88,7 @@ def _validate(lr: float, momentum: float, weight_decay: float, trust_coefficient
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS with momentum, the optimizer of PAPER.md §4 (see the module docstring for the step).
+    """LARS with momentum, the optimizer of docs/method.md §4 (see the module docstring for the step).
 
     Group keys: ``lr``, ``momentum``, ``weight_decay``, ``trust_coefficient`` and ``lars_adapt``
     (default True; ``param_groups`` sets it False for biases and norm parameters). State per
@@ -121,7 +121,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One LARS update of every parameter that has a gradient (PAPER.md §4)."""
+        """One LARS update of every parameter that has a gradient (docs/method.md §4)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

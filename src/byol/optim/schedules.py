@@ -1,4 +1,4 @@
-"""Schedules as pure functions of the step (PAPER.md §1 and §4).
+"""Schedules as pure functions of the step (docs/method.md §1 and §4).
 
 Each function maps ``(step, total_steps, ...)`` to a float and keeps no state, so a resumed run
 needs only the step to get the same values back, and each can be tested at its known points.
@@ -21,7 +21,7 @@ def _check_tau(tau_base: float) -> None:
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:
-    """The linear scaling rule of PAPER.md §4: ``base_lr * batch_size / 256``."""
+    """The linear scaling rule of docs/method.md §4: ``base_lr * batch_size / 256``."""
     if batch_size <= 0:
         raise ValueError(f"scaled_lr: batch_size must be > 0, got {batch_size}")
     if base_lr < 0:
@@ -32,7 +32,7 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
 def warmup_cosine_lr(
     step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_lr: float = 0.0
 ) -> float:
-    """Learning rate of PAPER.md §4: linear warm-up, then cosine decay.
+    """Learning rate of docs/method.md §4: linear warm-up, then cosine decay.
 
     Rises linearly from 0 at step 0 to ``peak_lr`` at ``step == warmup_steps``, then follows a
     half cosine down to ``final_lr`` at ``step == total_steps`` and stays there beyond.
@@ -52,7 +52,7 @@ def warmup_cosine_lr(
 
 
 def cosine_tau(step: int, total_steps: int, tau_base: float) -> float:
-    """EMA rate of the target (PAPER.md §1): ``1 - (1 - tau_base) (cos(pi k / K) + 1) / 2``.
+    """EMA rate of the target (docs/method.md §1): ``1 - (1 - tau_base) (cos(pi k / K) + 1) / 2``.
 
     ``tau_base`` at step 0, ``(1 + tau_base) / 2`` halfway, 1.0 at ``total_steps`` and beyond.
     """
@@ -63,7 +63,7 @@ def cosine_tau(step: int, total_steps: int, tau_base: float) -> float:
 
 
 def constant_tau(step: int, total_steps: int, tau_base: float) -> float:
-    """A fixed EMA rate ``tau_base`` at every step, for the τ ablations of PAPER.md §7."""
+    """A fixed EMA rate ``tau_base`` at every step, for the τ ablations of docs/method.md §7."""
     _check_steps(step, total_steps)
     _check_tau(tau_base)
     return tau_base

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from byol.data.errors import DataError
-from byol.report.rundata import RunData, load_run
+from byol.report.rundata import RunData, read_run
 
-__all__ = ["RunData", "load_run", "make_report"]
+__all__ = ["RunData", "make_report", "read_run"]
 
 
 def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
@@ -25,14 +25,14 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     ``run_dir/report``). Returns {"dir": out_dir, "plots": [png paths], "skipped": {png: why},
     "summary": summary.md path}. DataError (one line, naming the path) when ``run_dir`` is not a
     run directory or ``out_dir`` cannot be a folder."""
-    from byol.report.markdown import write_summary
+    from byol.report.markdown import write_markdown
     from byol.report.plots import draw_all  # matplotlib: imported only when a report is made
 
-    run = load_run(run_dir)
+    run = read_run(run_dir)
     out = Path(run_dir) / "report" if out_dir is None else Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"report: output folder {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = draw_all(run, out)
-    summary = write_summary(run, written, skipped, out)
+    summary = write_markdown(run, written, skipped, out)
     return {"dir": out, "plots": written, "skipped": skipped, "summary": summary}

@@ -122,7 +122,7 @@ def config_section(run: RunData) -> list[str]:
     return lines + _table(("section", "settings"), rows)
 
 
-def write_summary(run: RunData, written: list[Path], skipped: dict[str, str], out_dir: Path) -> Path:
+def write_markdown(run: RunData, written: list[Path], skipped: dict[str, str], out_dir: Path) -> Path:
     """Write out_dir/summary.md and return its path."""
     head = [f"# Run report: {run.name}", "", f"Run directory: `{run.run_dir.resolve()}`", ""]
     sections = [status_section(run), final_section(run), eval_section(run),

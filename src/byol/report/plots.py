@@ -29,7 +29,8 @@ STYLE = {
 BLUE, ORANGE, GREEN, RED, PURPLE, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "0.45"
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
+    """Render ``fig`` on an Agg canvas and write it to ``path`` as a PNG at ``DPI``."""
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI)
 
@@ -97,12 +98,12 @@ def plot_loss(run: RunData, path: Path) -> str | None:
     if min(loss) > 0 and max(loss) / min(loss) >= 10:
         ax.set_yscale("log")
     _finish(ax, run, "Training loss", "loss (2 − 2cos, summed over both views)")
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 
 def plot_schedules(run: RunData, path: Path) -> str | None:
-    """Learning rate and target EMA rate tau against the step (PAPER.md §4), one panel each."""
+    """Learning rate and target EMA rate tau against the step (docs/method.md §4), one panel each."""
     panels = [(key, *run.series(key)) for key in ("lr", "tau")]
     panels = [p for p in panels if p[1]]
     if not panels:
@@ -118,7 +119,7 @@ def plot_schedules(run: RunData, path: Path) -> str | None:
             ax.plot(steps, values, color=PURPLE, **_style(len(steps)))
             ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
             _finish(ax, run, "Target EMA rate τ", "τ", legend=None, mark_collapse=False)
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 
@@ -146,7 +147,7 @@ def plot_collapse(run: RunData, path: Path) -> str | None:
             ax.plot(rsteps, values, color=color, label=what, **_style(len(rsteps)))
         ax.set_ylim(0, max(max(r[2]) for r in ranks) * 1.15)
         _finish(ax, run, "Effective rank of a batch", "effective rank")
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 
@@ -173,7 +174,7 @@ def plot_accuracy(run: RunData, path: Path) -> str | None:
             ax.axhline(top1, color=color, lw=1, ls=ls, label=f"{label}: {top1:.1f}%")
     ax.set_ylim(0, min(100, ax.get_ylim()[1] * 1.1))  # 0-based: accuracies compare by ratio
     _finish(ax, run, "Top-1 accuracy", "top-1 accuracy (%)", legend="outside")
-    _save(fig, path)
+    save_figure(fig, path)
     return None
 
 

@@ -121,7 +121,7 @@ class RunData:
         return (statistics.fmean(rates), "mean of logged rows") if rates else (None, "")
 
 
-def load_run(run_dir: str | Path) -> RunData:
+def read_run(run_dir: str | Path) -> RunData:
     """Read a run directory; DataError (one line, naming the path) when it is not one."""
     run_dir = Path(run_dir)
     if not run_dir.exists():

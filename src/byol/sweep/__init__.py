@@ -1,4 +1,4 @@
-"""``byol sweep``: the paper's ablations (PAPER.md §7, §8) as named grids of short runs."""
+"""``byol sweep``: the paper's ablations (docs/method.md §7, §8) as named grids of short runs."""
 from byol.sweep.grids import GRIDS, SHORT, Cell, Grid
 from byol.sweep.runner import run_sweep
 

@@ -1,4 +1,4 @@
-"""The named grids of ``byol sweep``: the ablations of PAPER.md §7 and §8 as short runs.
+"""The named grids of ``byol sweep``: the ablations of docs/method.md §7 and §8 as short runs.
 
 Every cell is the ``demo`` config (the built-in shapes, a narrow ResNet-18, 32 px) shortened by
 :data:`SHORT`, plus the cell's own overrides; the user's overrides
@@ -36,7 +36,7 @@ class Cell:
 class Grid:
     name: str
     question: str  # what the grid varies
-    paper: str  # the finding it checks (PAPER.md)
+    paper: str  # the finding it checks (docs/method.md §7, §8)
     cells: tuple[Cell, ...]
     x_label: str = ""
 
@@ -66,13 +66,13 @@ def _batch(method: str, batch: int) -> Cell:
 
 GRIDS: dict[str, Grid] = {g.name: g for g in (
     Grid(
-        "tau", "the target decay rate tau_base (PAPER.md §7)",
+        "tau", "the target decay rate tau_base (docs/method.md §7)",
         "tau_base 1 (a fixed random target) 18.8% vs 1.4% for the random network; 0.99 72.5%; "
         "0.9 68.4%; 0 (target = online copy) 0.3%, collapse.",
         tuple(_tau(t) for t in (0.0, 0.9, 0.99, 0.996, 1.0)),
     ),
     Grid(
-        "predictor", "the predictor and the target network (PAPER.md §7, SimSiam)",
+        "predictor", "the predictor and the target network (docs/method.md §7, SimSiam)",
         "Without negatives only predictor + target learns; without a predictor, tau = 0 "
         "collapses. SimSiam (predictor, stop-gradient, no EMA) learns; without the "
         "stop-gradient it collapses.",
@@ -87,14 +87,14 @@ GRIDS: dict[str, Grid] = {g.name: g for g in (
         ),
     ),
     Grid(
-        "augmentations", "the augmentation set (PAPER.md §7)",
+        "augmentations", "the augmentation set (docs/method.md §7)",
         "BYOL: full 72.5, no grayscale 70.3, crop + colour 70.7, no colour 63.4, crop + blur "
         "61.1, crop only 59.4: removing colour hurts far more than removing grayscale.",
         tuple(Cell(a, {"augment.ablation": a}) for a in
               ("full", "no_grayscale", "crop_colour", "no_colour", "crop_blur", "crop_only")),
     ),
     Grid(
-        "normalization", "normalisation in the heads and the backbone (PAPER.md §8)",
+        "normalization", "normalisation in the heads and the backbone (docs/method.md §8)",
         "BN in both MLPs 57.7, projector only 55.3, predictor only 48.0, no normalisation in "
         "the heads 28.3, LayerNorm 29.4, random 28.8 (STL-10); GroupNorm + weight "
         "standardisation 73.9 vs BN 74.3 and the BN-free data-dependent init 65.7 (ImageNet).",
@@ -112,7 +112,7 @@ GRIDS: dict[str, Grid] = {g.name: g for g in (
         ),
     ),
     Grid(
-        "batch", "the batch size, BYOL vs SimCLR, lr scaled with the batch (PAPER.md §7)",
+        "batch", "the batch size, BYOL vs SimCLR, lr scaled with the batch (docs/method.md §7)",
         "BYOL 72.5 / 71.8 / 69.6 / 59.7 at 4096 / 256 / 128 / 64 falls far less than SimCLR "
         "(67.9 at 4096) as the batch shrinks.",
         tuple(_batch(m, b) for m in ("byol", "simclr") for b in (32, 64, 128, 256)),
@@ -120,7 +120,7 @@ GRIDS: dict[str, Grid] = {g.name: g for g in (
     ),
     Grid(
         "objective", "the generalized InfoNCE: negative weight beta, with and without predictor "
-                     "+ target (PAPER.md §7)",
+                     "+ target (docs/method.md §7)",
         "Without negatives (beta = 0) only predictor + target learns; with beta = 1 both learn "
         "(SimCLR without them).",
         tuple(_infonce(b, pt) for pt in (True, False) for b in (0.0, 0.5, 1.0)),

@@ -17,9 +17,11 @@ import shutil
 import time
 from pathlib import Path
 
-from byol.config import ConfigError, apply_overrides, config_from_dict, read_yaml
-from byol.sweep.grids import GRIDS, SHORT, Grid
+from byol.config import (ConfigError, apply_overrides, config_from_dict, parse_overrides, read_yaml,
+                         resolve_config_path)
+from byol.config.resume import resumed_config
 from byol.data.errors import DataError
+from byol.sweep.grids import GRIDS, SHORT, Grid
 from byol.sweep.table import fmt, result_row, write_outputs
 
 # Keys that only say how or how far this session runs, not what a cell is: they may differ
@@ -34,21 +36,11 @@ def get_grid(name: str) -> Grid:
     return GRIDS[name]
 
 
-def _parse(overrides: list[str]) -> dict[str, str]:
-    out = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"config: override {item!r} must look like section.key=value")
-        out[key.strip()] = value
-    return out
-
-
 def cell_overrides(grid: Grid, label: str, user: list[str]) -> list[str]:
     """SHORT, then the cell's own keys, then the user's (which win)."""
     merged = {**SHORT, **grid.cell(label).overrides}
     items = [f"{k}={json.dumps(v) if isinstance(v, (bool, type(None))) else v}" for k, v in merged.items()]
-    given = _parse(user)
+    given = parse_overrides(user)
     if "data.path" in given and "data.dataset" not in given:
         items.append("data.dataset=folder")  # data.path= means "this folder instead of the demo data"
     return items + list(user)
@@ -57,7 +49,7 @@ def cell_overrides(grid: Grid, label: str, user: list[str]) -> list[str]:
 def _check_settings(out: Path, grid: Grid, user: list[str]) -> dict:
     """The sweep's record; refuses to mix cells run with different settings in one folder."""
     path = out / "sweep.json"
-    wanted = {k: v for k, v in _parse(user).items() if k not in SESSION_KEYS}
+    wanted = {k: v for k, v in parse_overrides(user).items() if k not in SESSION_KEYS}
     if path.is_file():
         record = json.loads(path.read_text())
         if record.get("grid") != grid.name:
@@ -84,9 +76,8 @@ def _has_checkpoint(cell_dir: Path) -> bool:
 def run_sweep(name: str, overrides: list[str] | None = None, *, out: str | Path | None = None,
               log=print) -> dict:
     """Run (or finish) grid ``name``; returns {"rows", "interrupted", "outputs", "out"}."""
-    from byol.cli import resolve_config_path
     from byol.train.guard import TrainingDiverged
-    from byol.train.loop import pretrain
+    from byol.train.pretrain import pretrain
 
     grid, user = get_grid(name), list(overrides or [])
     out = Path(out) if out is not None else Path("runs") / f"sweep-{name}"
@@ -112,10 +103,10 @@ def run_sweep(name: str, overrides: list[str] | None = None, *, out: str | Path 
         log(f"[{i}/{len(grid.cells)}] {cell.label}: {'resuming' if resume else 'running'} "
             f"{' '.join(f'{k}={v}' for k, v in cell.overrides.items()) or '(the grid baseline)'}")
         if resume:
-            saved = read_yaml(cell_dir / "config.yaml")  # its own config, minus the last stop step
-            saved["train"] = {k: v for k, v in (saved.get("train") or {}).items() if k != "max_steps"}
-            session = [f"{k}={v}" for k, v in _parse(user).items() if k in SESSION_KEYS]
-            cell_cfg, resume_dir = config_from_dict(apply_overrides(saved, session)), cell_dir
+            # its own config, minus the last stop step, plus how this session runs
+            session = [f"{k}={v}" for k, v in parse_overrides(user).items() if k in SESSION_KEYS]
+            cell_cfg = resumed_config(cell_dir, session, allowed=SESSION_KEYS)
+            resume_dir = cell_dir
         else:
             cell_cfg, resume_dir = configs[cell.label], None
         try:

@@ -9,8 +9,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from byol.report.plots import BLUE, DPI, GREY, RED, STYLE, _save
-from byol.report.rundata import load_run
+from byol.report.plots import BLUE, DPI, GREY, RED, STYLE, save_figure
+from byol.report.rundata import read_run
 from byol.sweep.grids import Cell, Grid
 
 COLUMNS = ("cell", "settings", "knn_top1", "knn_init_top1", "knn_gain", "z_std", "z_rank", "y_rank",
@@ -26,7 +26,7 @@ def _top1(path: Path) -> float | None:
 
 def result_row(grid: Grid, cell: Cell, cell_dir: Path) -> dict:
     """What the table shows of a finished cell, read back from its run directory."""
-    run = load_run(cell_dir)
+    run = read_run(cell_dir)
     knn, init = _top1(cell_dir / "eval" / "knn.json"), _top1(cell_dir / "eval" / "knn_init.json")
     last = {key: (run.series(key)[1] or [None])[-1] for key in ("z_std", "z_rank", "y_rank")}
     return {
@@ -106,7 +106,7 @@ def plot(grid: Grid, rows: list[dict], path: Path) -> None:
         ax_knn.set_title(f"{grid.name}: held-out kNN accuracy")
         ax_std.set_ylabel("z_std (collapse: -> 0)")
         ax_std.set_title("collapse monitor at the end")
-        _save(fig, path)
+        save_figure(fig, path)
 
 
 def write_outputs(grid: Grid, rows: list[dict], out: Path, record: dict) -> dict:

@@ -1,4 +1,4 @@
-"""The calibration batch of the BN-free data-dependent init (PAPER.md §8, ``model.bn_free_init``):
+"""The calibration batch of the BN-free data-dependent init (docs/method.md §8, ``model.bn_free_init``):
 one batch of augmented images (view T), made exactly as training makes its batches."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from byol import distributed
 from byol.config import Config
-from byol.data.loader import DeviceViews
+from byol.data.pipeline import DeviceViews
 
 
 def calibration_batch(cfg: Config, data, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:

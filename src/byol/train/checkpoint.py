@@ -29,7 +29,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,14 +36,23 @@ import numpy as np
 import torch
 
 from byol.data.errors import DataError
+from byol.files import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
 INTEGRITY = "integrity"
 _DIGEST = "sha256-content-v1"  # names the walk in content_digest: change it with the walk
-_TMP_PREFIX = "."  # temp files: .last.pt.<random>.tmp
+_TMP_PREFIX = "."  # temp files (byol.files.atomic_path): .last.pt.<random>.tmp
 _EPOCH = re.compile(r"epoch_(\d+)\.pt$")
+# Read errors that say the disk, the network or the machine refused, not that the file is bad.
+_IO_ERRNOS = (errno.EIO, errno.ENOMEM, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY,
+              errno.ENOLCK, errno.ECONNRESET, errno.EHOSTDOWN)
+
+
+class CheckpointUnreadable(DataError):
+    """A checkpoint could not be read for a reason that says nothing about its content (an I/O
+    error, no memory): never treated as damaged, never set aside."""
 
 
 class CheckpointWriteError(Exception):
@@ -123,6 +131,12 @@ def load_checkpoint(path: str | Path, data: bytes | None = None) -> dict[str, An
         raise DataError(f"checkpoint not found: {path}") from None
     except IsADirectoryError:
         raise DataError(f"{path} is a folder, not a checkpoint file") from None
+    except OSError as e:
+        if isinstance(e, PermissionError) or e.errno in _IO_ERRNOS:  # the file may be fine
+            raise CheckpointUnreadable(f"cannot read {path}: {e.strerror or e}") from None
+        raise DataError(f"{path} is not a byol checkpoint (or is truncated or damaged)") from None
+    except MemoryError:
+        raise CheckpointUnreadable(f"not enough memory to load {path}") from None
     except pickle.UnpicklingError as e:  # weights_only refused a global: never retry unsafely
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise DataError(f"{path} refused: it holds pickled Python objects, not only tensors "
@@ -167,11 +181,15 @@ def load_newest(run_dir: str | Path) -> Loaded:
     for path in (p for p in files if steps[p] < 0):  # not even its step is readable: damaged
         try:
             load_checkpoint(path)
+        except CheckpointUnreadable:
+            raise
         except DataError as e:
             passed.append((path, str(e)))
     for path in sorted((p for p in files if steps[p] >= 0), key=lambda p: (-steps[p], files.index(p))):
         try:
             return Loaded(path, load_checkpoint(path), passed)
+        except CheckpointUnreadable:
+            raise  # falling back past an intact file would silently lose its steps
         except DataError as e:
             passed.append((path, str(e)))
     reasons = "; ".join(reason for _, reason in passed)
@@ -195,7 +213,10 @@ def find_checkpoint(run_or_file: str | Path) -> Path:
 def set_aside(path: Path) -> Path:
     """Rename a damaged checkpoint to ``<name>.damaged`` (kept for inspection, never rotated
     over a good copy)."""
-    aside = path.with_name(path.name + ".damaged")
+    aside, n = path.with_name(path.name + ".damaged"), 1
+    while aside.exists():  # an earlier damaged copy stays too
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{n}")
     os.replace(path, aside)
     return aside
 
@@ -210,46 +231,11 @@ def remove_stale_temp_files(ckpt_dir: Path) -> list[Path]:
 
 # --- writing -------------------------------------------------------------------------------
 
-def fsync_dir(folder: Path) -> None:
-    """Make the renames inside ``folder`` durable (no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_temp(obj: Any, folder: Path, name: str) -> Path:
-    """torch.save ``obj`` to a fsynced temp file in ``folder``; removed again on any failure."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP_PREFIX}{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save ``obj`` to a temp file beside ``path``, fsync, rename over ``path``, fsync the
-    folder (single files: no rotation, no seal)."""
-    path = Path(path)
-    tmp = write_temp(obj, path.parent, path.name)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """torch.save ``obj`` to ``path`` atomically and durably (``byol.files.atomic_path``; single
+    files: no rotation, no seal)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def _reason(e: OSError) -> str:
@@ -257,17 +243,10 @@ def _reason(e: OSError) -> str:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    """A durable copy (not a hard link: a later in-place write to one name, e.g. ``cp x last.pt``,
-    must not change the other)."""
-    tmp = dst.with_name(f"{_TMP_PREFIX}{dst.name}.copy.tmp")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 16 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A durable, atomic copy (not a hard link: a later in-place write to one name, e.g.
+    ``cp x last.pt``, must not change the other)."""
+    with atomic_path(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)
 
 
 def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | None = None) -> Path:
@@ -276,16 +255,24 @@ def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | 
     last.pt and previous.pt are as they were."""
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / LAST
-    try:
-        tmp = write_temp(seal(sd), ckpt_dir, LAST)
+    sealed = seal(sd)
+    rotating = False
+
+    def rotate() -> None:  # the new state is complete and fsynced: only now may last.pt move
+        nonlocal rotating
+        rotating = True
+        if last.exists():
+            os.replace(last, ckpt_dir / PREVIOUS)
+
+    try:  # the temp file is .last.pt.<random>.tmp, as tests/faults.py expects
+        with atomic_path(last, before_replace=rotate) as tmp, open(tmp, "wb") as f:
+            torch.save(sealed, f)
     except OSError as e:
+        if rotating:  # a rename failed, not the write: not the disk refusing data
+            raise
         kept = f"{last} is intact" if last.exists() else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"cannot write a checkpoint in {ckpt_dir}: {_reason(e)}; {kept}",
                                    e.errno) from None
-    if last.exists():
-        os.replace(last, ckpt_dir / PREVIOUS)
-    os.replace(tmp, last)
-    fsync_dir(ckpt_dir)
     if keep_as is not None:
         kept = ckpt_dir / keep_as
         try:
@@ -293,5 +280,9 @@ def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | 
         except OSError as e:
             raise CheckpointWriteError(f"cannot keep {kept}: {_reason(e)}; {last} is intact",
                                        e.errno) from None
-        fsync_dir(ckpt_dir)
     return last
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Keep a copy of checkpoint ``src`` as ``dst`` (e.g. an epoch's, redone after a kill)."""
+    _copy(src, dst)

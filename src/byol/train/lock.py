@@ -11,6 +11,7 @@ names the last holder (pid, host) for the message.
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -40,14 +41,20 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             holder = _read_holder(fd)
             os.close(fd)
-            raise DataError(f"{self.path.parent} is in use by another byol process ({holder}); "
-                            "wait for it to finish or stop it, then resume") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise DataError(f"{self.path.parent} is in use by another byol process ({holder}); "
+                                "wait for it to finish or stop it, then resume") from None
+            raise DataError(f"cannot lock {self.path}: {e.strerror or e} (a file system without "
+                            "POSIX locks? put the run on a local disk)") from None
+        try:  # who holds it, for the message a second process gets; best effort
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        except OSError:
+            pass
         self._fd = fd
         return self
 

@@ -1,7 +1,8 @@
 """The pretraining loop's monitors, in one object the loop calls at three points:
 
-    after_step(step, outputs, labels)   every step: the online linear classifier's step; the
-                                        effective ranks every eval.collapse_every steps
+    after_step(step, outputs, labels)   every step, with the step's ForwardOutput: the online
+                                        linear classifier's step; the effective ranks every
+                                        eval.collapse_every steps
     log_values(step, stats)             when the loop logs: accuracy, ranks, the collapse flag
     evaluate(model)                     kNN (+ online classifier) on the held-out split
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from byol import distributed
 from byol.config import Config
 from byol.eval.monitor import CollapseDetector, OnlineLinear, collapse_stats, monitor_eval
+from byol.models.byol import ForwardOutput
 from byol.train.run import MetricsLogger, write_json
 
 
@@ -35,18 +37,18 @@ class Monitors:
     def __init__(self, cfg: Config, state, data, device: torch.device, workers: int) -> None:
         self.cfg, self.state, self.data, self.device, self.workers = cfg, state, data, device, workers
         self.probe: OnlineLinear | None = state.probe
-        self.detector = CollapseDetector(cfg.eval.collapse_threshold, state.extra.get("collapsed_at"))
+        self.detector = CollapseDetector(cfg.eval.collapse_threshold, state.collapsed_at)
         self._ranks: dict[str, torch.Tensor] = {}
 
     def wants_row(self, step: int) -> bool:
         """A step whose diagnostics must reach the log even off the log_every grid."""
         return step % self.cfg.eval.collapse_every == 0
 
-    def after_step(self, step: int, outputs: dict, labels: torch.Tensor) -> None:
+    def after_step(self, step: int, outputs: ForwardOutput, labels: torch.Tensor) -> None:
         if self.probe is not None:
-            self.probe.train_step(outputs["representation"], labels.to(self.device, non_blocking=True))
+            self.probe.train_step(outputs.representation, labels.to(self.device, non_blocking=True))
         if self.wants_row(step):
-            stats = collapse_stats(outputs["representation"], outputs["projection"], with_std=False)
+            stats = collapse_stats(outputs.representation, outputs.projection, with_std=False)
             self._ranks = {"z_rank": stats["z_rank"], "y_rank": stats["y_rank"]}
 
     def log_values(self, step: int, row: dict) -> dict:
@@ -60,7 +62,7 @@ class Monitors:
         collapsed = self.detector.update(step, row["z_std"])
         out["collapsed"] = int(collapsed)
         if collapsed and first and distributed.is_main():  # once per run, on stderr
-            self.state.extra["collapsed_at"] = step
+            self.state.collapsed_at = step
             tqdm.write(f"warning: step {step}: the projections have collapsed (z_std {row['z_std']:.3g} "
                        f"< eval.collapse_threshold {self.detector.threshold:g}); BYOL is not learning",
                        file=sys.stderr)

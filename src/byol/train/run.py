@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from byol import distributed
+from byol.files import atomic_write_text
 from byol.optim.schedules import scaled_lr
 from byol.train.checkpoint import CHECKPOINT_DIR
 
@@ -62,9 +63,9 @@ class MetricsLogger:
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as indented JSON to ``path``, atomically (rank 0 only)."""
     if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -76,12 +77,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics.jsonl rows logged after ``step`` (the checkpoint a resume starts from), so
-    the resumed run does not log those steps twice."""
+    the resumed run does not log those steps twice. Atomic: a kill meanwhile keeps the old log."""
     path = Path(run_dir) / "metrics.jsonl"
     if not distributed.is_main() or not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _step_of(line: str) -> float:
@@ -134,8 +135,8 @@ def start_summary(cfg, data, model, device, precision, workers, run_dir, step) -
 def write_summary(cfg, state, run_dir, result, device, precision) -> None:
     """summary.json: where the run stands (read by `byol report`). elapsed_s is the training wall
     time over all sessions: data, steps and checkpoints, not the evaluations."""
-    elapsed = state.extra.get("elapsed", 0.0)
-    total = (state.extra["n_train"] // cfg.optim.batch_size) * cfg.optim.epochs
+    elapsed = state.elapsed_s
+    total = (state.n_train // cfg.optim.batch_size) * cfg.optim.epochs
     write_json(run_dir / "summary.json", {
         "step": state.step, "total_steps": total, "finished": result.finished,
         "elapsed_s": elapsed, "images_per_s": state.step * cfg.optim.batch_size / elapsed if elapsed else None,

@@ -1,12 +1,19 @@
-"""Where and how a run executes: the device, the precision, the CPU allocator, and the stop
-flag that turns SIGINT/SIGTERM (Ctrl-C, a preemption) into "finish this step, checkpoint, exit"."""
+"""Where and how a run executes, decided once: the device (joining the torchrun group), the
+precision, the memory format, the loader workers, the process-wide CPU settings; and the stop
+flag that turns SIGINT/SIGTERM (Ctrl-C, a preemption) into "finish this step, checkpoint, exit".
+
+    rt = start_runtime(cfg)     # Runtime(device, precision, memory_format, workers, rank, world)
+"""
 from __future__ import annotations
 
 import ctypes
 import signal
 import sys
+from dataclasses import dataclass
 
 import torch
+
+from byol import distributed
 
 
 def resolve_device(name: str, what: str = "train.device") -> torch.device:
@@ -85,3 +92,47 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every part of a run needs to know about where it runs."""
+
+    device: torch.device
+    precision: str  # "bf16" (autocast) or "fp32"
+    memory_format: torch.memory_format  # of the images and the convolutions
+    workers: int  # DataLoader worker processes
+    rank: int = 0
+    world: int = 1  # processes (torchrun); the global batch is split over them
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def apply_runtime(cfg, device: torch.device) -> str:
+    """The process-wide settings of ``cfg.train`` for ``device`` (allocator, threads) -> precision."""
+    if device.type == "cpu" and cfg.train.malloc_tuning:
+        tune_cpu_allocator()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    return resolve_precision(cfg.train.precision, device)
+
+
+def start_runtime(cfg, workers_for) -> Runtime:
+    """Resolve ``cfg.train``'s device (one process per device under torchrun), check the global
+    batch splits over the processes, apply the process-wide settings. ``workers_for(requested,
+    device)``: the loader's worker policy."""
+    device = resolve_device(cfg.train.device)
+    distributed.init_from_env(device.type)  # torchrun: join the group, one process per device
+    world = distributed.world_size()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank())
+    if cfg.optim.batch_size % world:
+        raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be a multiple of the "
+                         f"{world} processes (it is the global batch)")
+    precision = apply_runtime(cfg, device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return Runtime(device, precision, memory_format, workers_for(cfg.data.num_workers, device),
+                   distributed.rank(), world)
+

@@ -1,5 +1,5 @@
-"""What a run sets up before its first step: the process-wide runtime settings, then the model
-(with the BN-free init when configured) and its optimizer."""
+"""What a run builds before its first step: the model (with the BN-free init when configured)
+and its optimizer."""
 from __future__ import annotations
 
 import torch
@@ -8,16 +8,6 @@ from byol.config import Config
 from byol.models.build import bn_free_init, build_model
 from byol.optim import build_optimizer
 from byol.train.calibrate import calibration_batch
-from byol.train.runtime import resolve_precision, tune_cpu_allocator
-
-
-def apply_runtime(cfg: Config, device: torch.device) -> str:
-    """The process-wide settings of ``cfg.train`` for ``device`` (allocator, threads) -> precision."""
-    if device.type == "cpu" and cfg.train.malloc_tuning:
-        tune_cpu_allocator()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    return resolve_precision(cfg.train.precision, device)
 
 
 def build_model_and_optimizer(cfg: Config, device: torch.device, data=None):

@@ -1,4 +1,4 @@
-"""TrainState: everything a resume needs, saved and loaded whole (STYLE.md rule 3).
+"""TrainState: everything a resume needs, saved and loaded whole: one object in, one object out.
 
 The state is a dict of tensors and plain Python values only, so it loads with
 ``weights_only=True`` (never running code); train/checkpoint.py writes, verifies and rotates
@@ -20,17 +20,27 @@ FORMAT_VERSION = 1
 
 @dataclass
 class TrainState:
-    """Model (online + target), optimizer, position (step, epoch, step in epoch), RNG states."""
+    """Model (online + target), optimizer, position (step, epoch, step in epoch), what the run
+    is (its resolved config, its number of training images), its clock and its monitors' state.
+
+    On disk the run fields sit under ``extra`` (the layout every checkpoint since format 1 has):
+    ``{"config", "n_train", "elapsed", "collapsed_at"}``."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
-    extra: dict = field(default_factory=dict)  # e.g. the resolved config, elapsed time
+    config: dict = field(default_factory=dict)  # the resolved config (config_to_dict)
+    n_train: int | None = None  # training images: a resume must see the same number
+    elapsed_s: float = 0.0  # training wall time over all sessions (not the evaluations)
+    collapsed_at: int | None = None  # first step whose projections were flagged as collapsed
     probe: Any = None  # the online linear classifier (eval/monitor.py OnlineLinear), when labelled
 
     def state_dict(self) -> dict[str, Any]:
+        extra = {"config": self.config, "elapsed": self.elapsed_s, "n_train": self.n_train}
+        if self.collapsed_at is not None:
+            extra["collapsed_at"] = self.collapsed_at
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model.state_dict(),
@@ -39,7 +49,7 @@ class TrainState:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "rng": capture_rng(),
-            "extra": self.extra,
+            "extra": extra,
             **({"probe": self.probe.full_state_dict()} if self.probe is not None else {}),
         }
 
@@ -50,7 +60,11 @@ class TrainState:
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.step, self.epoch, self.step_in_epoch = sd["step"], sd["epoch"], sd["step_in_epoch"]
-        self.extra = dict(sd.get("extra", {}))
+        extra = sd.get("extra", {})
+        self.config = extra.get("config", self.config)
+        self.n_train = extra.get("n_train")
+        self.elapsed_s = float(extra.get("elapsed", 0.0))
+        self.collapsed_at = extra.get("collapsed_at")
         if self.probe is not None and "probe" in sd:
             self.probe.load_full_state_dict(sd["probe"])
         restore_rng(sd["rng"])

@@ -33,12 +33,29 @@ class CpuSample(NamedTuple):
     ours: float  # CPU seconds of this process and its child processes
 
 
-def machine_busy_seconds() -> float:
-    """Busy CPU seconds of all cores since boot, from the first line of /proc/stat."""
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity; a container's own cores)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def machine_busy_seconds(cpus: set[int] | None = None) -> float:
+    """Busy CPU seconds since boot of the CPUs ``cpus`` (default: those this process may use),
+    from their ``cpuN`` lines of /proc/stat: other tenants' cores of a shared host do not count."""
+    cpus = usable_cpus() if cpus is None else cpus
+    total = 0
     with open("/proc/stat", encoding="ascii") as f:
-        fields = f.readline().split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in (fields + ["0"] * 8)[:8])
-    return (user + nice + system + irq + softirq + steal) / _CLK
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu"):
+                break  # the cpuN lines come first, right after the total line
+            if name != "cpu" and int(name[3:]) in cpus:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (
+                    int(x) for x in (fields + ["0"] * 8)[:8])
+                total += user + nice + system + irq + softirq + steal
+    return total / _CLK
 
 
 def _proc_cpu(stat_line: str) -> tuple[int, float]:
@@ -85,7 +102,7 @@ class ThreadGovernor:
         self.max_threads = max_threads
         self.threads = max_threads
         self.interval = interval
-        self.cores = cores or os.cpu_count() or 1
+        self.cores = cores or len(usable_cpus())
         self.other_cores = 0.0  # the last reading
         self._clock, self._sample, self._set = clock, sample, set_threads
         self._t, self._last = clock(), sample()
@@ -105,6 +122,14 @@ class ThreadGovernor:
         self.threads = threads
         self._set(threads)
         return threads
+
+
+    def restore(self) -> None:
+        """Back to the count the run started with (the next run, an evaluation, a sweep's next
+        cell start from it)."""
+        if self.threads != self.max_threads:
+            self.threads = self.max_threads
+            self._set(self.max_threads)
 
 
 def make_governor(threads_setting: int | None, device: torch.device) -> ThreadGovernor | None:

@@ -1,4 +1,4 @@
-"""`byol eval knn|linear|finetune`: every evaluation protocol of PAPER.md §5 from the command line.
+"""`byol eval knn|linear|finetune`: every evaluation protocol of docs/method.md §5 from the command line.
 
 Every eval command takes --train DIR --test DIR (labelled folders: transfer to another dataset)
 or neither (the run's own held-out split), and --random-init (an untrained encoder of the same
@@ -112,8 +112,6 @@ def cmd_eval_finetune(args) -> int:
     return 0
 
 
-
-
 def add_eval_parsers(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a pretrained encoder (knn, linear, finetune)",
                        description=__doc__, formatter_class=FMT)
@@ -136,7 +134,7 @@ def add_eval_parsers(sub) -> None:
         description="fast (default): features of the frozen encoder extracted once (cached in "
                     "RUN_DIR/eval/feature_cache), a logistic regression swept over lr and weight decay "
                     "on a validation part of the train split, refit, tested.\n"
-                    "paper: PAPER.md §5, frozen encoder, random crop + flip, SGD Nesterov 0.9, "
+                    "paper: docs/method.md §5, frozen encoder, random crop + flip, SGD Nesterov 0.9, "
                     "lr 0.2 x batch/256 cosine, no weight decay, 80 epochs.")
     _common(lin)
     lin.add_argument("--protocol", choices=("fast", "paper"), default="fast")
@@ -153,7 +151,7 @@ def add_eval_parsers(sub) -> None:
 
     ft = esub.add_parser("finetune", help="fine-tune encoder + linear head on a fraction of the labels",
                          epilog=EXAMPLES["finetune"], formatter_class=FMT,
-                         description="Semi-supervised evaluation (PAPER.md §5): a class-balanced, "
+                         description="Semi-supervised evaluation (docs/method.md §5): a class-balanced, "
                                      "seeded subset of the train split's labels, saved as a file list; "
                                      "encoder + head trained end to end, SGD Nesterov, cosine lr.")
     _common(ft)

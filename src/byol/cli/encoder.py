@@ -1,0 +1,69 @@
+"""`byol export` and `byol embed`: a run's encoder outside training.
+
+    byol export RUN_DIR --out encoder.safetensors          # the online encoder + encoder.json
+    byol embed encoder.safetensors IMAGES --out emb.npy    # features of a folder (+ emb.files.txt)
+"""
+from __future__ import annotations
+
+import argparse
+
+FMT = argparse.RawDescriptionHelpFormatter
+
+EXAMPLES = {
+    "export": "example:\n  byol export runs/demo --out encoder.safetensors   # + encoder.json\n"
+              "  python -c \"import byol; f = byol.load_encoder('encoder.safetensors')\"",
+    "embed": "example:\n  byol embed encoder.safetensors /data/images --out emb.npy  # + emb.files.txt\n"
+             "  byol embed runs/demo /data/images --out emb.npy",
+}
+
+
+def cmd_export(args) -> int:
+    from byol.export import export_encoder
+
+    out = export_encoder(args.run, args.out, which=args.which, force=args.force)
+    print(f"exported the {out['which']} encoder ({out['backbone']} x{out['width']:g}, "
+          f"D={out['feature_dim']}, step {out['step']}) of {out['source_checkpoint']}")
+    print(f"encoder: {out['out']}\narchitecture: {out['sidecar']}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from byol.embed import embed_folder
+
+    out = embed_folder(args.encoder, args.images, args.out, batch_size=args.batch_size,
+                       device=args.device, workers=args.workers, progress=not args.no_progress)
+    print(f"embedded {out['n']} images: [{out['n']}, {out['dim']}] float32")
+    print(f"features: {out['out']}\nfiles: {out['files']}")
+    if out["labels"]:
+        print(f"labels: {out['labels']}")
+    if out["skipped"]:
+        print(f"skipped {len(out['skipped'])} unreadable files, e.g. {out['skipped'][0][0]}: "
+              f"{out['skipped'][0][1]}")
+    return 0
+
+
+def add_encoder_parsers(sub) -> None:
+    p = sub.add_parser("export", help="write a run's encoder as safetensors + json",
+                       epilog=EXAMPLES["export"], formatter_class=FMT,
+                       description="The online encoder f only (no heads, no target), as safetensors "
+                                   "(loading never runs code) with its architecture in FILE.json; "
+                                   "load it with byol.load_encoder(FILE).")
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors")
+    p.add_argument("--which", choices=("online", "target"), default="online",
+                   help="online encoder f_theta (default) or the EMA target f_xi")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_export)
+
+    e = sub.add_parser("embed", help="features of every image in a folder -> .npy",
+                       epilog=EXAMPLES["embed"], formatter_class=FMT,
+                       description="Representations y of every image under IMAGES (recursive), in "
+                                   "batches, as float32 [N, D]; FILE.files.txt lists the images in row order.")
+    e.add_argument("encoder", metavar="ENCODER", help="exported .safetensors, or a run dir / checkpoint")
+    e.add_argument("images", metavar="IMAGES", help="folder of images (searched recursively)")
+    e.add_argument("--out", required=True, metavar="FILE.npy")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--workers", type=int, default=None)
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_embed)

@@ -1,0 +1,46 @@
+"""The data of a pretraining run: its views, its raw images, and (labelled) the monitor splits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset, Subset
+
+from byol.config import Config
+from byol.data.errors import DataError
+from byol.data.seeded import SeededSamples
+from byol.data.sources import Transformed, ViewPairs, heldout_split, labels_of, open_images
+from byol.data.transforms import make_eval_transform, make_views
+
+
+@dataclass
+class PretrainData:
+    """The pretraining views plus, for labelled data, kNN bank (train split) and test split."""
+
+    views: SeededSamples  # (epoch, i) -> (view1, view2, label), seeded per sample
+    source: Dataset  # the raw images (its .skipped grows when a file fails to decode late)
+    bank: Dataset | None
+    test: Dataset | None
+    num_classes: int
+    skipped: list
+
+
+def build_pretrain_data(cfg: Config) -> PretrainData:
+    """Open the images, hold out ``val_fraction`` per class when labelled, wrap for training."""
+    raw = open_images(cfg.data)
+    labels = labels_of(raw)
+    skipped = list(getattr(raw, "skipped", []))
+    train_idx, test_idx = heldout_split(cfg.data, raw)
+    if len(train_idx) < cfg.optim.batch_size:
+        raise DataError(
+            f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(train_idx)} "
+            f"training images of {cfg.data.path or cfg.data.dataset}"
+        )
+    train = Subset(raw, train_idx)
+    views = SeededSamples(ViewPairs(train, make_views(cfg.augment)), cfg.train.seed)
+    bank = test = None
+    num_classes = 0
+    if labels is not None and test_idx:
+        tf = make_eval_transform(cfg.augment)
+        bank, test = Transformed(train, tf), Transformed(Subset(raw, test_idx), tf)
+        num_classes = max(labels) + 1
+    return PretrainData(views, raw, bank, test, num_classes, skipped)

@@ -1,0 +1,90 @@
+"""Atomic file writes: a file appears under its name complete, or not at all.
+
+    with atomic_path(run_dir / "summary.json") as tmp:   # a fresh empty file beside the target
+        tmp.write_text(text)                               # by name, or open(tmp, "wb") for a file
+    # the target now holds the new content, durably
+
+Every writer of the package that replaces a file goes through ``atomic_path``: the content goes
+to a temp file in the target's folder, which is fsynced and renamed over the target
+(``os.replace``: atomic on POSIX), then the folder is fsynced so the rename survives a power
+cut. A kill at any instant leaves the old file or the new one, never half of either. On any
+failure (in the block or in those steps) the temp file is removed and the target is as it was.
+
+Temp files are named ``<prefix><random>.tmp`` (prefix ``.<name>.`` by default, e.g.
+``.last.pt.3f9a0c1d.tmp``): hidden, next to what they replace, and recognisable as leftovers
+of a killed write by the ``.tmp`` suffix. They are created like any new file (mode 0o666 less
+the umask), so the target gets the permissions a plain ``open(path, "w")`` would give it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames inside ``folder`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)  # writable: fsync needs it on some systems
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_temp(folder: Path, prefix: str) -> Path:
+    """A new empty file ``folder/<prefix><random>.tmp`` that did not exist before."""
+    while True:
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, prefix: str | None = None,
+                before_replace: Callable[[], object] | None = None) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` (its folder is created) for the block to write; when the
+    block ends normally, fsync the temp file, call ``before_replace`` (if given: the new content
+    is then complete on disk, e.g. the moment to rotate the old file away), rename the temp file
+    over ``path`` and fsync the folder. Any exception removes the temp file and propagates.
+
+    ``prefix``: the temp file's name before its random part; default ``.<name of path>.``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp(path.parent, f".{path.name}." if prefix is None else prefix)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> None:
+    """Replace ``path`` by ``text`` atomically and durably (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding)

@@ -1,0 +1,208 @@
+"""A pretraining run from start to end: runtime, data, model, the run directory (locked), the
+loop, the final evaluation, summary.json.
+
+    result = pretrain(cfg)                      # a new run under cfg.train.out_dir
+    result = pretrain(cfg, resume="runs/x")     # continue runs/x from its newest good checkpoint
+
+The step loop itself is train/loop.py; the files of a run are train/run.py (logs, summary) and
+train/checkpoint.py (checkpoints).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from byol import distributed
+from byol.config import Config, config_to_dict, replace, save_config
+from byol.data.errors import DataError
+from byol.data.folder import write_skipped
+from byol.data.pretrain import build_pretrain_data
+from byol.data.workers import default_workers
+from byol.eval.knn import evaluate_knn
+from byol.train.checkpoint import (CHECKPOINT_DIR, CheckpointWriteError, copy_checkpoint, load_checkpoint,
+                                   load_newest, remove_stale_temp_files, set_aside)
+from byol.train.guard import NonFiniteGuard, TrainingDiverged
+from byol.train.lock import RunLock
+from byol.train.loop import train_loop
+from byol.train.monitors import Monitors, final_eval, make_probe
+from byol.train.run import open_new_run, start_summary, truncate_metrics, write_json, write_summary
+from byol.train.runtime import Runtime, start_runtime
+from byol.train.setup import build_model_and_optimizer
+from byol.train.state import TrainState
+
+# The disk refused a write: a full disk, a quota, a read-only file system.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    step: int
+    finished: bool  # False when stopped early (max_steps or a signal); resume to continue
+    knn: dict | None = None
+    knn_init: dict | None = None
+    online_linear: dict | None = None  # held-out accuracy of the online classifier at the end
+    collapsed_at: int | None = None  # first step whose projections were flagged as collapsed
+    skipped: list = field(default_factory=list)
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM
+    diverged: dict | None = None  # {"step", "what", "last_good_step"} when the guard stopped the run
+    resumed_from: Path | None = None  # the checkpoint a resume loaded
+
+
+def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol") -> PretrainResult:
+    """Train ``cfg`` from scratch, or continue the run directory ``resume``."""
+    rt = start_runtime(cfg, default_workers)
+    if cfg.data.path and resume is None:  # the run must find its data from any directory later
+        cfg = replace(cfg, data={"path": str(Path(cfg.data.path).expanduser().resolve())})
+    torch.manual_seed(cfg.train.seed)
+    data = build_pretrain_data(cfg)
+    model, optimizer = build_model_and_optimizer(cfg, rt.device, data if resume is None else None)
+    state = TrainState(model, optimizer, config=config_to_dict(cfg), n_train=len(data.views),
+                       probe=make_probe(cfg, data, model.feature_dim, rt.device))
+    result = PretrainResult(Path(resume or "."), 0, finished=False, skipped=data.skipped)
+    with contextlib.ExitStack() as held:
+        if resume is not None:
+            run_dir = Path(resume)
+            held.enter_context(_run_lock(run_dir))  # before anything in it is read or changed
+            result.resumed_from = _resume_state(state, run_dir, cfg)
+            _check_same_data(state, data, cfg)
+            truncate_metrics(run_dir, state.step)
+        else:
+            run_dir = open_new_run(cfg, stem)
+            held.enter_context(_run_lock(run_dir))
+        result.run_dir, result.step = run_dir, state.step
+        try:
+            _run(cfg, state, data, rt, run_dir, result, resumed=resume is not None)
+        except OSError as e:
+            if e.errno not in _DISK_ERRNOS:
+                raise
+            raise CheckpointWriteError(f"cannot write in {run_dir}: {e.strerror}; the checkpoints in "
+                                       f"{run_dir / CHECKPOINT_DIR} are intact", e.errno) from None
+    return result
+
+
+def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, result: PretrainResult,
+         resumed: bool) -> None:
+    """The locked part of a run: config, start lines, training, final evaluation, summary."""
+    if rt.main:
+        save_config(cfg, run_dir / "config.yaml")
+        if data.skipped:
+            write_skipped(data.skipped, run_dir / "skipped_files.tsv")
+        print(start_summary(cfg, data, state.model, rt.device, rt.precision, rt.workers, run_dir,
+                            state.step), flush=True)
+    if cfg.eval.initial_knn and data.bank is not None and state.step == 0 and rt.main:
+        result.knn_init = _knn(cfg, state.model, data, rt)
+        write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
+    distributed.barrier()
+    monitors = Monitors(cfg, state, data, rt.device, rt.workers)
+    start_step = state.step
+    guard = NonFiniteGuard(rt.device)
+    guard.last_good_step = state.step if resumed else None
+    try:
+        end = train_loop(cfg, state, data, rt, run_dir, monitors, guard, purge=resumed)
+    except CheckpointWriteError:
+        with contextlib.suppress(OSError):  # the disk may be full for this small file too
+            write_summary(cfg, state, run_dir, result, rt.device, rt.precision)
+        raise
+    result.step, result.finished, result.interrupted = end.step, end.finished, end.interrupted
+    result.diverged, result.collapsed_at = end.diverged, monitors.collapsed_at
+    skipped = list(getattr(data.source, "skipped", []))  # + files that failed to decode while loading
+    if rt.main and len(skipped) > len(data.skipped):
+        write_skipped(skipped, run_dir / "skipped_files.tsv")
+        result.skipped = skipped
+    already_done = (run_dir / "eval" / "knn.json").is_file() and start_step == state.step
+    if result.finished and cfg.eval.final_knn and monitors.can_evaluate() and not already_done and rt.main:
+        final_eval(cfg, state, monitors, run_dir, result)
+    write_summary(cfg, state, run_dir, result, rt.device, rt.precision)
+    distributed.barrier()
+    if result.diverged is not None:
+        raise TrainingDiverged(_diverged_message(cfg, run_dir, result.diverged), result=result)
+
+
+def _knn(cfg: Config, model, data, rt: Runtime) -> dict:
+    return evaluate_knn(
+        model.encoder, data.bank, data.test, num_classes=data.num_classes, k=cfg.eval.knn_k,
+        temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size, device=rt.device,
+        workers=rt.workers, progress=cfg.train.progress,
+    )
+
+
+def _check_same_data(state: TrainState, data, cfg: Config) -> None:
+    """A resume must see the images the run started with, or its sampler position is void."""
+    n0 = state.n_train
+    if n0 is not None and n0 != len(data.views):
+        raise DataError(f"--resume: the run trained on {n0} images but {cfg.data.path or cfg.data.dataset} "
+                        f"now gives {len(data.views)}; resume needs the same data")
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """Hold run_dir's lock (rank 0, the writer) for the whole run; every rank sees a refusal."""
+    lock, error = RunLock(run_dir), None
+    if distributed.is_main():
+        try:
+            lock.acquire()
+        except DataError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise DataError(error)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _resume_state(state: TrainState, run_dir: Path, cfg: Config) -> Path:
+    """Load the newest checkpoint of run_dir that verifies. Rank 0 chooses it and every rank
+    loads that same file; rank 0 sets damaged newer ones aside (never rotated over a good copy),
+    drops temp files of killed writes and redoes an epoch copy a kill prevented. -> the file."""
+    chosen, error = None, None
+    if distributed.is_main():
+        try:
+            loaded = load_newest(run_dir)
+            chosen = loaded.path
+        except DataError as e:
+            error = str(e)
+    chosen, error = distributed.broadcast_object((chosen, error))
+    if error:
+        raise DataError(error)
+    state.load_state_dict(loaded.state if distributed.is_main() else load_checkpoint(chosen))
+    if state.probe is not None:
+        state.probe.set_lr(cfg.eval.online_linear_lr)
+    distributed.barrier()  # every rank has read its checkpoint before rank 0 renames any
+    if distributed.is_main():
+        for path, reason in loaded.passed_over:
+            aside = set_aside(path)
+            print(f"byol: warning: {reason}; moved it to {aside.name} and resumed from "
+                  f"{chosen.name} (step {state.step})", file=sys.stderr, flush=True)
+        remove_stale_temp_files(run_dir / CHECKPOINT_DIR)
+        _redo_epoch_copy(run_dir / CHECKPOINT_DIR, chosen, state, cfg.train.keep_every_epochs)
+    return chosen
+
+
+def _redo_epoch_copy(ckpt_dir: Path, chosen: Path, state: TrainState, keep: int) -> None:
+    """A kill (or a full disk) between an epoch's last.pt and its epoch_NNNN.pt copy: make it now."""
+    if keep and state.step_in_epoch == 0 and state.epoch and state.epoch % keep == 0:
+        kept = ckpt_dir / f"epoch_{state.epoch:04d}.pt"
+        if not kept.exists():
+            copy_checkpoint(chosen, kept)
+
+
+def _diverged_message(cfg: Config, run_dir: Path, d: dict) -> str:
+    what = {"loss": "non-finite loss", "weights": "non-finite weights",
+            "skips": f"{d.get('skips')} consecutive steps with non-finite gradients"}[d["what"]]
+    good = d["last_good_step"]
+    kept = (f"no checkpoint was written from the bad state; the last good one is step {good} in "
+            f"{run_dir / CHECKPOINT_DIR}" if good is not None else "no checkpoint had been written yet")
+    lr = cfg.optim.base_lr
+    then = (f"continue with: byol pretrain --resume {run_dir} optim.base_lr={lr / 2:g}" if good is not None
+            else "start again with a lower optim.base_lr")
+    skip = "" if cfg.train.nonfinite == "skip" else " (or train.nonfinite=skip)"
+    return (f"training diverged: {what} at step {d['step']}; {kept}. Lower optim.base_lr (now {lr:g}) "
+            f"or check the data, then {then}{skip}")
