@@ -47,7 +47,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({
         "bench": "demo_summary", "runs": len(rows), "max_wall_s": max(r["wall_s"] for r in rows),
-        "min_gain": min(r["gain"] for r in rows), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "min_gain": min(r["gain"] for r in rows), "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
     }))
 
 

@@ -14,9 +14,8 @@ from byol.config import load_config
 from byol.data.errors import DataError
 from byol.eval.cache import cache_key, cached_features
 from byol.train import checkpoint
-from byol.train.checkpoint import (CheckpointWriteError, load_checkpoint, load_newest, save_checkpoint)
+from byol.train.checkpoint import CheckpointWriteError, load_checkpoint, load_newest, save_checkpoint
 from byol.train.pretrain import pretrain
-
 from conftest import TINY, write_shapes_folder
 
 

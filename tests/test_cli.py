@@ -12,7 +12,6 @@ import torch
 
 from byol.cli import main
 from byol.train.checkpoint import find_checkpoint
-
 from conftest import TINY, add_bad_files, write_shapes_folder
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_resnet18.yaml"

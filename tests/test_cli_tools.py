@@ -9,7 +9,6 @@ import pytest
 
 import byol
 from byol.cli import main
-
 from conftest import TINY, write_shapes_folder
 
 

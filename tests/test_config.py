@@ -12,7 +12,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_defaults_are_the_paper():
     cfg = Config()
-    assert (cfg.optim.name, cfg.optim.batch_size, cfg.optim.base_lr, cfg.optim.weight_decay) == ("lars", 4096, 0.2, 1.5e-6)
+    assert (cfg.optim.name, cfg.optim.batch_size, cfg.optim.base_lr,
+            cfg.optim.weight_decay) == ("lars", 4096, 0.2, 1.5e-6)
     assert cfg.method.tau_base == 0.996 and cfg.model.projector_hidden == 4096 and cfg.model.projector_out == 256
     assert cfg.augment.blur_prob == (1.0, 0.1) and cfg.augment.solarize_prob == (0.0, 0.2)
 

@@ -7,7 +7,6 @@ from byol.config import load_config
 from byol.data.pretrain import build_pretrain_data
 from byol.data.sources import heldout_split, open_images
 from byol.eval.data import eval_splits
-
 from conftest import TINY
 
 

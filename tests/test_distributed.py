@@ -16,15 +16,13 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from byol import BYOL, LARS, param_groups
-from byol.losses import InfoNCELoss
-from byol.models import MLPHead, NegativeQueue, OnlineTarget
-from byol import distributed
+from byol import BYOL, LARS, distributed, param_groups
 from byol.config import load_config
 from byol.data.sampler import ResumableSampler
+from byol.losses import InfoNCELoss
+from byol.models import MLPHead, NegativeQueue, OnlineTarget
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
 from byol.train.step import train_step
-
 from conftest import TINY
 
 WORLD = 2

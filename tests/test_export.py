@@ -16,12 +16,11 @@ from safetensors.torch import load_file, save_file
 from byol.config import load_config
 from byol.data.decode import decode_image
 from byol.data.errors import DataError
-from byol.eval.commands import load_checkpoint_run
 from byol.embed import embed_folder, encoder_transform
+from byol.eval.commands import load_checkpoint_run
 from byol.export import export_encoder, load_encoder, save_encoder
 from byol.models.backbones import resnet
 from byol.train.pretrain import pretrain
-
 from conftest import TINY, add_bad_files, write_shapes_folder
 
 

@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from byol.train.checkpoint import load_checkpoint
-from faults import (TOTAL_STEPS, byol_command, checkpoint_model, logged_steps, run_byol, sigkill,
-                    start_byol, wait_for_step)
+from faults import (
+    TOTAL_STEPS,
+    byol_command,
+    checkpoint_model,
+    logged_steps,
+    run_byol,
+    sigkill,
+    start_byol,
+    wait_for_step,
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,16 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from byol.augment.views import eval_transform
 from byol.config import load_config
 from byol.data.errors import DataError
-from byol.augment.views import eval_transform
 from byol.data.seeded import SeededSamples
 from byol.data.sources import Transformed
 from byol.eval.data import eval_splits, sample_ids, sample_labels
-from byol.eval.finetune import (finetune_command, label_subset, load_subset, paper_linear_command,
-                                save_subset)
+from byol.eval.finetune import finetune_command, label_subset, load_subset, paper_linear_command, save_subset
 from byol.eval.supervised import train_classifier, train_transform
 from byol.models.backbones import resnet
 from byol.train.pretrain import pretrain
-
 from conftest import TINY, write_shapes_folder
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from byol.config import load_config
 from byol.config.sections import ConfigError
 from byol.losses import InfoNCELoss, symmetric_infonce_loss, symmetric_regression_loss
-from byol.train.pretrain import pretrain
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
-
+from byol.train.pretrain import pretrain
 from conftest import TINY, tiny_byol
 
 

@@ -17,9 +17,8 @@ from byol.data.errors import DataError
 from byol.eval.cache import cached_features
 from byol.eval.knn import accuracy
 from byol.eval.linear import fast_linear_command, fit_linear
-from byol.train.pretrain import pretrain
 from byol.train.checkpoint import atomic_save, find_checkpoint, load_checkpoint
-
+from byol.train.pretrain import pretrain
 from conftest import TINY, write_shapes_folder
 
 FAST = dict(epochs=20, lrs=(0.03, 0.3), weight_decays=(0.0, 1e-4), device="cpu")

@@ -10,9 +10,8 @@ from byol.config.sections import ConfigError
 from byol.export import export_encoder, load_encoder
 from byol.losses import symmetric_regression_loss
 from byol.models import OnlineTarget, StopGradTarget
-from byol.train.pretrain import pretrain
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
-
+from byol.train.pretrain import pretrain
 from conftest import TINY, tiny_byol
 
 

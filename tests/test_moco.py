@@ -11,7 +11,6 @@ from byol.config.sections import ConfigError
 from byol.losses import InfoNCELoss, symmetric_infonce_loss
 from byol.models.queue import NegativeQueue
 from byol.train.step import train_step
-
 from conftest import tiny_byol
 
 

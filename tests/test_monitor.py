@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from byol.config import load_config
-from byol.eval.monitor import CollapseDetector, OnlineLinear, collapse_stats, effective_rank
-from byol.train.pretrain import pretrain
+from byol.eval.diagnostics import CollapseDetector, OnlineLinear, collapse_stats, effective_rank
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
-
+from byol.train.pretrain import pretrain
 from conftest import TINY
 
 

@@ -15,7 +15,6 @@ from byol.train import loop
 from byol.train.checkpoint import load_checkpoint
 from byol.train.guard import MAX_CONSECUTIVE_SKIPS, TrainingDiverged
 from byol.train.pretrain import pretrain
-
 from conftest import TINY
 
 # No normalisation anywhere and plain SGD at a huge rate: the loss is NaN by the third step.

@@ -15,9 +15,8 @@ from byol.export import export_encoder, load_encoder
 from byol.models.backbones import resnet
 from byol.models.build import bn_free_init, build_model
 from byol.models.norms import Affine, WSConv2d, groups_for, remove_batchnorm
-from byol.train.pretrain import pretrain
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
-
+from byol.train.pretrain import pretrain
 from conftest import TINY
 
 

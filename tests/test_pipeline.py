@@ -13,7 +13,6 @@ from byol.data.pipeline import DeviceViews, TrainBatches
 from byol.data.pretrain import build_pretrain_data
 from byol.data.sampler import ResumableSampler
 from byol.data.workers import loader
-
 from conftest import TINY
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

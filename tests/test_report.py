@@ -15,8 +15,7 @@ from byol.data.errors import DataError
 from byol.report import make_report
 from byol.report.plots import DPI, FIGSIZE, smooth
 from byol.train.pretrain import pretrain
-from byol.train.run import read_metrics
-
+from byol.train.rundir import read_metrics
 from conftest import TINY
 
 PNG_SIZE = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))  # 840 x 420
@@ -31,7 +30,7 @@ def write_synthetic_run(run_dir, *, epochs=20, steps_per_epoch=50, collapse_step
     50, held-out monitor rows every 2 epochs, a collapse at ``collapse_step``, all eval files."""
     rng = np.random.default_rng(0)
     run_dir.mkdir(parents=True)
-    cfg = config_to_dict(load_config(None, ["optim.epochs=%d" % epochs, "optim.batch_size=64",
+    cfg = config_to_dict(load_config(None, [f"optim.epochs={epochs}", "optim.batch_size=64",
                                             "train.log_every=5", "eval.collapse_threshold=0.1"]))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     total, t0, rows = epochs * steps_per_epoch, 1.8e9, []

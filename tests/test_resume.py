@@ -6,9 +6,8 @@ import json
 import torch
 
 from byol.config import load_config
-from byol.train.pretrain import pretrain
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
-
+from byol.train.pretrain import pretrain
 from conftest import TINY
 
 
@@ -107,8 +106,8 @@ def test_resume_refuses_changed_data(tmp_path):
 def test_batched_augmentation_backend_trains_and_resumes_exactly(tmp_path):
     """augment.backend=batched: the workers crop and flip (uint8), the loop draws the rest of T
     and T' per sample on the device from a generator seeded by the step: resume stays exact."""
-    from byol.data.transforms import make_views
     from byol.config import Augment
+    from byol.data.transforms import make_views
 
     views = make_views(Augment(preset="byol32", size=16, backend="batched"))
     v1, v2 = views(torch.randint(0, 256, (3, 24, 20), dtype=torch.uint8))
@@ -120,7 +119,8 @@ def test_batched_augmentation_backend_trains_and_resumes_exactly(tmp_path):
     a, _ = _params(full.run_dir)
     b, _ = _params(done.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ref = pretrain(_cfg(tmp_path, "ref", "augment.backend=reference"))  # the reference backend draws other views: other weights
+    # the reference backend draws other views: other weights
+    ref = pretrain(_cfg(tmp_path, "ref", "augment.backend=reference"))
     c, _ = _params(ref.run_dir)
     assert not torch.equal(a["encoder.conv1.weight"], c["encoder.conv1.weight"])
     rows = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]

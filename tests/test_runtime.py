@@ -8,10 +8,9 @@ import torch
 
 from byol.config import load_config
 from byol.train import runtime
+from byol.train.checkpoint import find_checkpoint, load_checkpoint
 from byol.train.pretrain import pretrain
 from byol.train.runtime import resolve_precision, tune_cpu_allocator
-from byol.train.checkpoint import find_checkpoint, load_checkpoint
-
 from conftest import TINY
 
 

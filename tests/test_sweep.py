@@ -63,7 +63,8 @@ def test_a_stopped_cell_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "objective"
     part = run_sweep("objective", SMALL + ["train.max_steps=2"], out=out, log=lambda *_: None)
     assert not part["complete"] and not part["rows"]
-    steps = [json.loads(line)["step"] for line in (out / "pred_target_beta_0" / "metrics.jsonl").read_text().splitlines()]
+    log = (out / "pred_target_beta_0" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log]
     assert max(steps) == 2
     said = []
     done = run_sweep("objective", SMALL, out=out, log=said.append)

@@ -15,7 +15,6 @@ import torch
 from byol.config import load_config
 from byol.train.pretrain import pretrain
 from byol.train.threads import CpuSample, ThreadGovernor, machine_busy_seconds, own_cpu_seconds, threads_for
-
 from conftest import TINY
 
 linux = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc (Linux)")

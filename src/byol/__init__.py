@@ -2,10 +2,10 @@
 
     from byol import BYOL, resnet
     model = BYOL(resnet("resnet50"), feature_dim=2048)
-    loss, stats = model(view1, view2); loss.backward(); opt.step(); model.update_target(tau)
+    out = model(view1, view2); out.loss.backward(); opt.step(); model.update_target(tau)
     encoder = byol.load_encoder("encoder.safetensors")      # after `byol export RUN --out ...`
 
-The names below load on first use: ``import byol`` (and ``byol --help``) does not import torch.
+The names below load on first use: ``import byol`` does not import torch.
 """
 from __future__ import annotations
 

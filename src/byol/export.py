@@ -25,8 +25,8 @@ from torch import nn
 
 from byol.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from byol.data.errors import DataError
-from byol.files import atomic_path, atomic_write_text
 from byol.data.transforms import eval_crop_fraction
+from byol.files import atomic_path, atomic_write_text
 from byol.models.backbones import RESNET_SPECS, resnet
 from byol.models.norms import BACKBONE_NORMS
 from byol.train.runtime import resolve_device

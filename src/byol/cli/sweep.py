@@ -11,7 +11,8 @@ from byol.config import ConfigError
 FMT = argparse.RawDescriptionHelpFormatter
 
 EXAMPLES = {
-    "sweep": "example:\n  byol sweep --list\n  byol sweep tau                    # runs/sweep-tau/results.{md,csv,png}\n"
+    "sweep": "example:\n  byol sweep --list\n"
+             "  byol sweep tau                    # runs/sweep-tau/results.{md,csv,png}\n"
              "  byol sweep augmentations data.path=/data/cifar10/train data.limit=10000\n"
              "  byol sweep batch optim.epochs=4 --out /tmp/sweep-batch   # rerun to resume",
 }

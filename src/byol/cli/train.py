@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from byol.config import (ConfigError, apply_overrides, builtin_configs, config_from_dict, read_yaml,
-                         resolve_config_path)
+from byol.config import ConfigError, apply_overrides, builtin_configs, config_from_dict, read_yaml, resolve_config_path
 from byol.config.resume import resumed_config
 
 FMT = argparse.RawDescriptionHelpFormatter

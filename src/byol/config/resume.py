@@ -6,8 +6,8 @@ the rest of the config package never needs.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 from byol.config.loading import apply_overrides, config_from_dict, parse_overrides, read_yaml
 from byol.config.sections import Config, ConfigError

@@ -11,9 +11,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from byol.presets import (AUGMENT_ABLATIONS, AUGMENT_SETS, BYOL_AUGMENT, METHOD_PRESETS, PAPER_BATCH_SIZE,
-                          PAPER_EPOCHS, PAPER_MOMENTUM, PAPER_SCHEDULES, PAPER_TRUST_COEFFICIENT,
-                          PAPER_WARMUP_EPOCHS)
+from byol.presets import (
+    AUGMENT_ABLATIONS,
+    AUGMENT_SETS,
+    BYOL_AUGMENT,
+    METHOD_PRESETS,
+    PAPER_BATCH_SIZE,
+    PAPER_EPOCHS,
+    PAPER_MOMENTUM,
+    PAPER_SCHEDULES,
+    PAPER_TRUST_COEFFICIENT,
+    PAPER_WARMUP_EPOCHS,
+)
 
 # The defaults are the paper's: its Table 6 (docs/method.md §3) and its 1000-epoch run (§4).
 _T6 = BYOL_AUGMENT

@@ -23,9 +23,20 @@ import torchvision.io
 from PIL import Image, ImageOps
 
 from byol.data.errors import DataError
-from byol.data.headers import (DEFAULT_MAX_PIXELS, HEAD_BYTES, PIL_ERRORS, PIL_FORMATS, ImageHeader,
-                               allow_pil_pixels, header_kind, open_regular, os_reason, pil_why,
-                               pixel_limit_reason, read_header_from)
+from byol.data.headers import (
+    DEFAULT_MAX_PIXELS,
+    HEAD_BYTES,
+    PIL_ERRORS,
+    PIL_FORMATS,
+    ImageHeader,
+    allow_pil_pixels,
+    header_kind,
+    open_regular,
+    os_reason,
+    pil_why,
+    pixel_limit_reason,
+    read_header_from,
+)
 
 # Formats (by magic bytes) that torchvision.io decodes natively; the others go straight to PIL.
 _TORCHVISION_KINDS = ("jpeg", "png", "webp")

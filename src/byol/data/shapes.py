@@ -15,7 +15,7 @@ of DataLoader workers.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -17,9 +17,9 @@ from byol.eval.data import eval_splits
 from byol.eval.knn import evaluate_knn
 from byol.models.build import build_encoder, build_model
 from byol.seeding import seeded
-from byol.train.runtime import resolve_device
-from byol.train.run import write_json
 from byol.train.checkpoint import LAST, find_checkpoint, load_checkpoint, load_newest
+from byol.train.rundir import write_json
+from byol.train.runtime import resolve_device
 
 
 class LoadedRun(NamedTuple):

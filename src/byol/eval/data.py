@@ -21,8 +21,8 @@ from torch.utils.data import Dataset, Subset
 from byol.config import Config
 from byol.data.errors import DataError
 from byol.data.folder import ImageFolderDataset
-from byol.data.sources import heldout_split, labels_of, open_images
 from byol.data.shapes import ShapesDataset
+from byol.data.sources import heldout_split, labels_of, open_images
 
 
 @dataclass

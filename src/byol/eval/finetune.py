@@ -185,7 +185,8 @@ def finetune_command(run: str, *, labels_fraction: float = 0.1, labels_file: str
     )
     out.update(protocol="finetune", n_labelled=len(idx), labelled_fraction=fraction,
                labels_fraction=None if labels_file is not None else labels_fraction,
-               num_classes=splits.num_classes, weight_decay=weight_decay, checkpoint=str(loaded.checkpoint), step=loaded.step,
+               num_classes=splits.num_classes, weight_decay=weight_decay, checkpoint=str(loaded.checkpoint),
+               step=loaded.step,
                sources=_sources(splits), subset_file=str(subset_file), random_init=random_init,
                seed=seed)
     pct = _pct(labels_fraction if labels_file is None else round(fraction, 4))

@@ -27,9 +27,15 @@ from byol.eval.commands import LoadedRun, eval_encoder, load_checkpoint_run, wri
 from byol.eval.data import EvalSplits, eval_splits, fingerprint, sample_labels
 from byol.eval.knn import accuracy
 from byol.eval.probe import (
-    DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, check_sweep, fit_linear,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LRS,
+    DEFAULT_WEIGHT_DECAYS,
+    check_sweep,
+    fit_linear,
 )
 from byol.train.runtime import resolve_device
+
 
 def _identity(run: LoadedRun, random_init: bool, seed: int) -> dict:
     """What identifies the encoder's weights in the feature-cache key: the checkpoint's bytes,
@@ -103,7 +109,8 @@ def fast_linear_command(run: str, *, train: str | None = None, test: str | None 
     test_y = feats["test"].labels
     out = {"top1": accuracy(scores, test_y, 1), "top5": accuracy(scores, test_y, 5), **chosen,
            "epochs": epochs, "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed,
-           "random_init": random_init, "n_train": len(fit_idx), "n_val": len(val_idx), "n_refit": len(fit_idx) + len(val_idx),
+           "random_init": random_init, "n_train": len(fit_idx), "n_val": len(val_idx),
+           "n_refit": len(fit_idx) + len(val_idx),
            "n_test": len(test_y), "num_classes": splits.num_classes, "feature_dim": x.shape[1],
            "checkpoint": str(ckpt), "step": loaded.step, "train": splits.train_source, "test": splits.test_source,
            "cache_hits": {name: f.hit for name, f in feats.items()},

@@ -11,7 +11,6 @@ from torch import nn
 
 from byol.eval.knn import accuracy
 
-
 # The sweep grid: SGD-Nesterov lrs for standardised features, L2 on the weights (not the bias).
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)

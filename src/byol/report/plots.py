@@ -7,8 +7,8 @@ did not (the data it needs is not in the run), which summary.md shows.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 import numpy as np

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from byol.config import ConfigError, Eval, read_yaml
 from byol.data.errors import DataError
-from byol.train.run import read_metrics
+from byol.train.rundir import read_metrics
 
 
 @dataclass

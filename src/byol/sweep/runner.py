@@ -17,8 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from byol.config import (ConfigError, apply_overrides, config_from_dict, parse_overrides, read_yaml,
-                         resolve_config_path)
+from byol.config import ConfigError, apply_overrides, config_from_dict, parse_overrides, read_yaml, resolve_config_path
 from byol.config.resume import resumed_config
 from byol.data.errors import DataError
 from byol.sweep.grids import GRIDS, SHORT, Grid

@@ -251,8 +251,8 @@ def _copy(src: Path, dst: Path) -> None:
 
 def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | None = None) -> Path:
     """Seal ``sd`` and make it ``ckpt_dir/last.pt``, the old last.pt becoming previous.pt.
-    ``keep_as``: also keep a copy of this state as ``ckpt_dir/keep_as``. CheckpointWriteError (one line) when the disk refuses the write; then
-    last.pt and previous.pt are as they were."""
+    ``keep_as``: also keep a copy of this state as ``ckpt_dir/keep_as``. CheckpointWriteError
+    (one line) when the disk refuses the write; then last.pt and previous.pt are as they were."""
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / LAST
     sealed = seal(sd)

@@ -11,7 +11,7 @@ run whose steps keep failing (``MAX_CONSECUTIVE_SKIPS`` in a row) stops as diver
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

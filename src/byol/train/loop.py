@@ -24,7 +24,7 @@ from byol.optim import constant_tau, cosine_tau, scaled_lr, warmup_cosine_lr
 from byol.train.checkpoint import CHECKPOINT_DIR, CheckpointWriteError, save_checkpoint
 from byol.train.guard import NonFiniteGuard
 from byol.train.monitors import Monitors, progress_postfix, val_row
-from byol.train.run import MetricsLogger
+from byol.train.rundir import MetricsLogger
 from byol.train.runtime import Runtime, StopFlag
 from byol.train.state import TrainState
 from byol.train.step import train_step

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from byol import distributed
 from byol.config import Config
-from byol.eval.monitor import CollapseDetector, OnlineLinear, collapse_stats, monitor_eval
+from byol.eval.diagnostics import CollapseDetector, OnlineLinear, collapse_stats, monitor_eval
 from byol.models.byol import ForwardOutput
-from byol.train.run import MetricsLogger, write_json
+from byol.train.rundir import MetricsLogger, write_json
 
 
 def make_probe(cfg: Config, data, feature_dim: int, device: torch.device) -> OnlineLinear | None:

@@ -4,7 +4,7 @@ loop, the final evaluation, summary.json.
     result = pretrain(cfg)                      # a new run under cfg.train.out_dir
     result = pretrain(cfg, resume="runs/x")     # continue runs/x from its newest good checkpoint
 
-The step loop itself is train/loop.py; the files of a run are train/run.py (logs, summary) and
+The step loop itself is train/loop.py; the files of a run are train/rundir.py (logs, summary) and
 train/checkpoint.py (checkpoints).
 """
 from __future__ import annotations
@@ -24,13 +24,20 @@ from byol.data.folder import write_skipped
 from byol.data.pretrain import build_pretrain_data
 from byol.data.workers import default_workers
 from byol.eval.knn import evaluate_knn
-from byol.train.checkpoint import (CHECKPOINT_DIR, CheckpointWriteError, copy_checkpoint, load_checkpoint,
-                                   load_newest, remove_stale_temp_files, set_aside)
+from byol.train.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointWriteError,
+    copy_checkpoint,
+    load_checkpoint,
+    load_newest,
+    remove_stale_temp_files,
+    set_aside,
+)
 from byol.train.guard import NonFiniteGuard, TrainingDiverged
 from byol.train.lock import RunLock
 from byol.train.loop import train_loop
 from byol.train.monitors import Monitors, final_eval, make_probe
-from byol.train.run import open_new_run, start_summary, truncate_metrics, write_json, write_summary
+from byol.train.rundir import open_new_run, start_summary, truncate_metrics, write_json, write_summary
 from byol.train.runtime import Runtime, start_runtime
 from byol.train.setup import build_model_and_optimizer
 from byol.train.state import TrainState

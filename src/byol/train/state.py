@@ -35,7 +35,7 @@ class TrainState:
     n_train: int | None = None  # training images: a resume must see the same number
     elapsed_s: float = 0.0  # training wall time over all sessions (not the evaluations)
     collapsed_at: int | None = None  # first step whose projections were flagged as collapsed
-    probe: Any = None  # the online linear classifier (eval/monitor.py OnlineLinear), when labelled
+    probe: Any = None  # the online linear classifier (eval/diagnostics.py OnlineLinear), when labelled
 
     def state_dict(self) -> dict[str, Any]:
         extra = {"config": self.config, "elapsed": self.elapsed_s, "n_train": self.n_train}

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
