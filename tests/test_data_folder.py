@@ -9,16 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from byol.data.decode import check_file, decode_image
 from byol.data.errors import DataError
 from byol.data.folder import (
-    IMAGE_EXTENSIONS,
     ImageFolderDataset,
-    check_file,
-    decode_image,
-    scan_folder,
     split_per_class,
     write_skipped,
 )
+from byol.data.scan import IMAGE_EXTENSIONS, scan_folder
 
 
 def _write(path: Path, colour=(200, 30, 60), size=(6, 5), mode="RGB") -> Path:

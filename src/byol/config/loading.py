@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from byol.config.sections import SECTIONS, Augment, Config, ConfigError
+from byol.files import atomic_write_text
 from byol.presets import AUGMENT_ABLATIONS, AUGMENT_SETS, METHOD_PRESETS
 
 
@@ -188,7 +189,9 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML, atomically: a kill or a full disk never leaves a run's config.yaml
+    empty (a resume reads it)."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def replace(cfg: Config, **sections: dict) -> Config:
