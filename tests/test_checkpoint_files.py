@@ -224,3 +224,18 @@ def test_an_unreadable_checkpoint_is_not_taken_for_damage(tmp_path, monkeypatch)
     with pytest.raises(DataError, match="cannot read .*last.pt: Input/output error"):
         load_newest(tmp_path)  # no silent fall back to previous.pt past an intact last.pt
     assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt", "previous.pt"]
+
+
+def test_a_full_disk_when_resuming_is_one_line_and_exit_4(tmp_path, monkeypatch, capsys):
+    run = pretrain(_cfg(tmp_path, "run", "train.max_steps=3")).run_dir
+    from byol.train import pretrain as pretrain_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pretrain_module, "truncate_metrics", disk_full)  # the first write of a resume
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run)]) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "No space left on device" in err and "are intact" in err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3

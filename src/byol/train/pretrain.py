@@ -71,25 +71,25 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     model, optimizer = build_model_and_optimizer(cfg, rt.device, data if resume is None else None)
     state = TrainState(model, optimizer, config=config_to_dict(cfg), n_train=len(data.views),
                        probe=make_probe(cfg, data, model.feature_dim, rt.device))
-    result = PretrainResult(Path(resume or "."), 0, finished=False, skipped=data.skipped)
-    with contextlib.ExitStack() as held:
-        if resume is not None:
-            run_dir = Path(resume)
-            held.enter_context(_run_lock(run_dir))  # before anything in it is read or changed
-            result.resumed_from = _resume_state(state, run_dir, cfg)
-            _check_same_data(state, data, cfg)
-            truncate_metrics(run_dir, state.step)
-        else:
-            run_dir = open_new_run(cfg, stem)
-            held.enter_context(_run_lock(run_dir))
-        result.run_dir, result.step = run_dir, state.step
-        try:
+    result = PretrainResult(Path(resume or cfg.train.out_dir), 0, finished=False, skipped=data.skipped)
+    try:
+        with contextlib.ExitStack() as held:
+            if resume is not None:
+                run_dir = Path(resume)
+                held.enter_context(_run_lock(run_dir))  # before anything in it is read or changed
+                result.resumed_from = _resume_state(state, run_dir, cfg)
+                _check_same_data(state, data, cfg)
+                truncate_metrics(run_dir, state.step)
+            else:
+                run_dir = open_new_run(cfg, stem)
+                held.enter_context(_run_lock(run_dir))
+            result.run_dir, result.step = run_dir, state.step
             _run(cfg, state, data, rt, run_dir, result, resumed=resume is not None)
-        except OSError as e:
-            if e.errno not in _DISK_ERRNOS:
-                raise
-            raise CheckpointWriteError(f"cannot write in {run_dir}: {e.strerror}; the checkpoints in "
-                                       f"{run_dir / CHECKPOINT_DIR} are intact", e.errno) from None
+    except OSError as e:  # the disk refused a write anywhere in the run: one line, exit 4
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        raise CheckpointWriteError(f"cannot write in {result.run_dir}: {e.strerror}; the checkpoints in "
+                                   f"{result.run_dir / CHECKPOINT_DIR} are intact", e.errno) from None
     return result
 
 
@@ -198,7 +198,11 @@ def _redo_epoch_copy(ckpt_dir: Path, chosen: Path, state: TrainState, keep: int)
     if keep and state.step_in_epoch == 0 and state.epoch and state.epoch % keep == 0:
         kept = ckpt_dir / f"epoch_{state.epoch:04d}.pt"
         if not kept.exists():
-            copy_checkpoint(chosen, kept)
+            try:
+                copy_checkpoint(chosen, kept)
+            except OSError as e:  # best effort: the run itself does not need the copy
+                print(f"byol: warning: could not keep {kept.name}: {e.strerror or e}",
+                      file=sys.stderr, flush=True)
 
 
 def _diverged_message(cfg: Config, run_dir: Path, d: dict) -> str:

@@ -2,7 +2,7 @@
 precision, the memory format, the loader workers, the process-wide CPU settings; and the stop
 flag that turns SIGINT/SIGTERM (Ctrl-C, a preemption) into "finish this step, checkpoint, exit".
 
-    rt = start_runtime(cfg)     # Runtime(device, precision, memory_format, workers, rank, world)
+    rt = start_runtime(cfg, default_workers)   # Runtime(device, precision, memory_format, workers, rank, world)
 """
 from __future__ import annotations
 
