@@ -24,6 +24,11 @@ from byol.data.workers import loader
 from byol.seeding import sample_seed
 
 
+def memory_format_of(cfg: Config) -> torch.memory_format:
+    """The memory format of a run's images and convolutions (``train.channels_last``)."""
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
 class DeviceViews:
     """The photometric half of T and T' on the training device (augment.backend=batched):
     uint8 views [B, 3, S, S] x2 (cropped and flipped by the workers) -> float views, normalised,
@@ -55,7 +60,7 @@ class TrainBatches:
         self.global_batch = cfg.optim.batch_size
         self.steps_per_epoch = len(views) // self.global_batch
         self.device, self.rank = device, rank
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.memory_format = memory_format_of(cfg)
         self.sampler = ResumableSampler(len(views), seed=cfg.train.seed, rank=rank, world_size=world,
                                         batch_size=self.global_batch)
         # The loader takes its worker seeds from its own generator, never the global RNG.

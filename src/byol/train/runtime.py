@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from byol import distributed
+from byol.data.pipeline import memory_format_of
 
 
 def resolve_device(name: str, what: str = "train.device") -> torch.device:
@@ -132,7 +133,6 @@ def start_runtime(cfg, workers_for) -> Runtime:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be a multiple of the "
                          f"{world} processes (it is the global batch)")
     precision = apply_runtime(cfg, device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    return Runtime(device, precision, memory_format, workers_for(cfg.data.num_workers, device),
+    return Runtime(device, precision, memory_format_of(cfg), workers_for(cfg.data.num_workers, device),
                    distributed.rank(), world)
 
