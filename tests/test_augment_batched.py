@@ -7,6 +7,11 @@ by <= 2e-7 (torchvision's ``add_(alpha=)`` rounds differently); blur by <= 1.2e-
 (separable passes sum in another order than torchvision's 2-D kernel). Hence atol 1e-6 for the
 colour ops and 1e-5 for blur and the whole pipeline (which contains blur).
 
+The official semantics (docs/fidelity.md) is compared the same way with its per-image reference
+(``views.OfficialPhotometric``), at the same tolerance: brightness, contrast, saturation and blur are
+the same functions on a batch of one; hue and grayscale differ from torchvision's functions by the
+amounts above. The ops themselves are proved against the release in tests/test_augment_official.py.
+
 Distributions are checked within ONE batch, so that a per-batch draw (one parameter for all
 samples) fails: |rate - p| < 5 sigma, sigma = sqrt(p (1 - p) / n), as in test_augment_views.py.
 """
@@ -24,8 +29,11 @@ from torchvision.transforms.v2 import functional as TF
 from byol.augment import ViewSpec, byol_view_specs, photometric_ops
 from byol.augment import batched as B
 from byol.augment.batched import BatchedPhotometric, PhotometricParams
+from byol.augment.views import OfficialPhotometric
 
 N = 2000
+TV = "torchvision"
+SEMANTICS = pytest.mark.parametrize("semantics", ["official", TV])
 COLOUR_ATOL = 1e-6
 HUE_ATOL = BLUR_ATOL = PIPELINE_ATOL = 1e-5
 
@@ -112,7 +120,8 @@ def reference_stage(spec: ViewSpec, img: torch.Tensor, p: PhotometricParams, i: 
 @pytest.mark.parametrize("size,seed", [(16, 0), (32, 1)])
 def test_pipeline_matches_reference_with_forced_parameters(size, seed, compact):
     # T' at probabilities 0.5 so that every step is on for some samples and off for others.
-    spec = replace(byol_view_specs(size)[1], jitter_prob=0.5, grayscale_prob=0.5, blur_prob=0.5, solarize_prob=0.5)
+    spec = replace(byol_view_specs(size, semantics=TV)[1], jitter_prob=0.5, grayscale_prob=0.5, blur_prob=0.5,
+                   solarize_prob=0.5)
     aug = BatchedPhotometric(spec, compact=compact)
     n = 48
     x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen(seed))
@@ -127,6 +136,38 @@ def test_pipeline_matches_reference_with_forced_parameters(size, seed, compact):
     assert len({tuple(o) for o in p.order.tolist()}) > 10
 
 
+def official_reference_stage(spec: ViewSpec, x: torch.Tensor, p: PhotometricParams, i: int) -> torch.Tensor:
+    """views.OfficialPhotometric(spec) + Normalize on one float [0, 1] image with sample i's draws."""
+    names = ("jitter", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "sigma", "solarize")
+    params = {n: getattr(p, n)[i].item() for n in names}
+    params["order"] = p.order[i].tolist()
+    out = OfficialPhotometric(spec).transform(x, params)
+    return v2.Normalize(list(spec.mean), list(spec.std))(out)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("size,seed", [(24, 0), (44, 1)])  # blur radius 1 and 2
+def test_official_pipeline_matches_its_reference_with_forced_parameters(size, seed, compact):
+    spec = replace(byol_view_specs(size)[1], jitter_prob=0.5, grayscale_prob=0.5, blur_prob=0.5, solarize_prob=0.5)
+    assert spec.semantics == "official"
+    aug = BatchedPhotometric(spec, compact=compact)
+    n = 48
+    x = torch.rand(n, 3, size, size, generator=gen(seed))  # float crops, as the official workers give
+    x[: n // 4, 1:] = x[: n // 4, :1]
+    x[n // 4: n // 2, :, :2] = 1.0
+    p = aug.sample_params(n, gen(seed + 10))
+    ours = aug.apply(x, p)
+    ref = torch.stack([official_reference_stage(spec, x[i], p, i) for i in range(n)])
+    assert ours.dtype == torch.float32 and ours.shape == (n, 3, size, size)
+    torch.testing.assert_close(ours, ref, atol=PIPELINE_ATOL, rtol=0)
+    for mask in (p.jitter, p.grayscale, p.blur, p.solarize):
+        assert 0 < mask.sum() < n
+    assert len({tuple(o) for o in p.order.tolist()}) > 10
+    # uint8 input is read as k / 255 (the release's own scaling, a division)
+    q = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen(seed))
+    torch.testing.assert_close(aug.apply(q, p), aug.apply(q.float() / 255, p), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("compact", [True, False])
 def test_masked_apply_touches_only_masked_samples(compact):
     x = images(6, 5, seed=6)
@@ -139,18 +180,23 @@ def test_masked_apply_touches_only_masked_samples(compact):
         assert (out[mask] - x[mask]).abs().flatten(1).amax(1).gt(0.05).all()
 
 
-def test_steps_not_drawn_leave_samples_untouched():
+@SEMANTICS
+def test_steps_not_drawn_leave_samples_untouched(semantics):
     # All steps off (probability 0 where the draws would otherwise change every sample).
-    spec = ViewSpec(size=16, jitter_prob=0, grayscale_prob=0, blur_prob=0, solarize_prob=0)
+    spec = ViewSpec(size=16, jitter_prob=0, grayscale_prob=0, blur_prob=0, solarize_prob=0, semantics=semantics)
     x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen(0))
     expected = TF.normalize(x.float() / 255, list(spec.mean), list(spec.std))
     torch.testing.assert_close(BatchedPhotometric(spec)(x, gen(1)), expected, atol=1e-6, rtol=0)
 
 
 def test_input_is_checked():
-    aug = BatchedPhotometric(ViewSpec(size=8))
+    aug = BatchedPhotometric(ViewSpec(size=8, semantics=TV))
     with pytest.raises(ValueError, match=r"uint8 \[B, 3, H, W\], got torch.float32"):
         aug(torch.rand(2, 3, 8, 8), gen(0))
+    official = BatchedPhotometric(ViewSpec(size=8))
+    for bad in (torch.rand(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8), torch.rand(3, 8, 8)):
+        with pytest.raises(ValueError, match=r"float32 in \[0, 1\] \(or uint8\) \[B, 3, H, W\] in official"):
+            official(bad, gen(0))
 
 
 # --- distributions, per sample within one batch ----------------------------------------------
@@ -168,36 +214,41 @@ def run(spec: ViewSpec, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return unnormalize(BatchedPhotometric(spec)(x, gen(seed)), spec)
 
 
-def test_solarize_rate_per_sample():
+@SEMANTICS
+def test_solarize_rate_per_sample(semantics):
     # A constant 0.8 image stays 0.8 through blur; solarized it becomes 0.2.
-    t1, t2 = byol_view_specs(8, jitter_prob=0.0, grayscale_prob=0.0)
+    t1, t2 = byol_view_specs(8, jitter_prob=0.0, grayscale_prob=0.0, semantics=semantics)
     x = constant((204, 204, 204))
     solarized = lambda y: ((y - 0.2).abs().flatten(1).amax(1) < 1e-3).sum().item()  # noqa: E731
     assert solarized(run(t1, x)) == 0  # T never solarizes
     assert_rate(solarized(run(t2, x)), N, 0.2)
 
 
-def test_blur_rate_per_sample():
+@pytest.mark.parametrize("semantics,side", [("official", 20), (TV, 8)])
+def test_blur_rate_per_sample(semantics, side):
     # A 1-pixel checkerboard keeps its variance 0.25 unless blurred (sigma >= 1: a clear blur).
-    t1, t2 = byol_view_specs(8, jitter_prob=0.0, grayscale_prob=0.0, blur_sigma=(1.0, 2.0))
-    board = ((torch.arange(8).view(8, 1) + torch.arange(8)) % 2 * 255).to(torch.uint8)
-    x = board.expand(N, 3, 8, 8).contiguous()
+    # Official: radius int(side / 20), 1 at 20 px (8 px would not blur).
+    t1, t2 = byol_view_specs(side, jitter_prob=0.0, grayscale_prob=0.0, blur_sigma=(1.0, 2.0), semantics=semantics)
+    board = ((torch.arange(side).view(side, 1) + torch.arange(side)) % 2 * 255).to(torch.uint8)
+    x = board.expand(N, 3, side, side).contiguous()
     blurred = lambda y: (y.flatten(1).var(1) < 0.1).sum().item()  # noqa: E731
     assert blurred(run(t1, x)) == N  # T always blurs
     assert_rate(blurred(run(replace(t2, solarize_prob=0.0), x)), N, 0.1)
 
 
-def test_grayscale_rate_per_sample():
+@SEMANTICS
+def test_grayscale_rate_per_sample(semantics):
     # Every other step active: only grayscale makes the three channels of a noise image equal.
-    t2 = byol_view_specs(8)[1]
+    t2 = byol_view_specs(8, semantics=semantics)[1]
     x = torch.randint(0, 256, (N, 3, 8, 8), dtype=torch.uint8, generator=gen(0))
     y = run(t2, x)
     gray = ((y[:, 0] - y[:, 1]).abs().flatten(1).amax(1) < 1e-5) & ((y[:, 1] - y[:, 2]).abs().flatten(1).amax(1) < 1e-5)
     assert_rate(gray.sum().item(), N, 0.2)
 
 
-def test_jitter_rate_per_sample():
-    t1 = byol_view_specs(8, grayscale_prob=0.0)[0]
+@SEMANTICS
+def test_jitter_rate_per_sample(semantics):
+    t1 = byol_view_specs(8, grayscale_prob=0.0, semantics=semantics)[0]
     x = constant((200, 100, 50))
     changed = (run(t1, x) - x.float() / 255).abs().flatten(1).amax(1) > 1e-3
     assert_rate(changed.sum().item(), N, 0.8)
@@ -205,18 +256,31 @@ def test_jitter_rate_per_sample():
 
 def test_brightness_factors_spread_per_sample():
     # Brightness alone on a constant 0.4 image: the output is 0.4 b, so b is read back per sample.
-    spec = ViewSpec(size=8, jitter_prob=1.0, contrast=0, saturation=0, hue=0, grayscale_prob=0, blur_prob=0)
+    spec = ViewSpec(size=8, jitter_prob=1.0, contrast=0, saturation=0, hue=0, grayscale_prob=0, blur_prob=0,
+                    semantics=TV)
     b = run(spec, constant((102, 102, 102)))[:, 0, 0, 0] / 0.4
     assert 0.6 - 1e-4 <= b.min() < 0.62 and 1.38 < b.max() <= 1.4 + 1e-4
     assert b.std().item() == pytest.approx(0.8 / math.sqrt(12), rel=0.05)  # std of U[0.6, 1.4]
     assert b.mean().item() == pytest.approx(1.0, abs=0.02)
 
 
-def test_sampled_ranges_follow_the_spec():
-    spec = ViewSpec(size=32, brightness=1.5, contrast=0.4, saturation=0.2, hue=0.1, blur_sigma=(0.1, 2.0))
+def test_official_brightness_deltas_spread_per_sample():
+    # Official brightness adds d ~ U[-0.4, 0.4]: a constant 0.5 image becomes 0.5 + d.
+    spec = ViewSpec(size=8, jitter_prob=1.0, contrast=0, saturation=0, hue=0, grayscale_prob=0, blur_prob=0)
+    d = run(spec, torch.full((N, 3, 8, 8), 0.5))[:, 0, 0, 0] - 0.5
+    assert -0.4 - 1e-4 <= d.min() < -0.38 and 0.38 < d.max() <= 0.4 + 1e-4
+    assert d.std().item() == pytest.approx(0.8 / math.sqrt(12), rel=0.05)
+    assert d.mean().item() == pytest.approx(0.0, abs=0.02)
+
+
+@pytest.mark.parametrize("semantics,brightness", [(TV, (0.0, 2.5)), ("official", (-1.5, 1.5))])
+def test_sampled_ranges_follow_the_spec(semantics, brightness):
+    # torchvision: ColorJitter's factor U[max(0, 1 - 1.5), 2.5]; official: the release's delta U[-1.5, 1.5]
+    spec = ViewSpec(size=32, brightness=1.5, contrast=0.4, saturation=0.2, hue=0.1, blur_sigma=(0.1, 2.0),
+                    semantics=semantics)
     p = BatchedPhotometric(spec).sample_params(N, gen(0))
     for values, low, high in [
-        (p.brightness, 0.0, 2.5), (p.contrast, 0.6, 1.4), (p.saturation, 0.8, 1.2),
+        (p.brightness, *brightness), (p.contrast, 0.6, 1.4), (p.saturation, 0.8, 1.2),
         (p.hue, -0.1, 0.1), (p.sigma, 0.1, 2.0),
     ]:
         assert low <= values.min() < low + 0.02 * (high - low) and high - 0.02 * (high - low) < values.max() <= high
@@ -231,8 +295,9 @@ def test_all_jitter_orders_occur_in_one_batch():
         assert abs(orders.count(order) / N - 1 / 24) < 5 * math.sqrt((1 / 24) * (23 / 24) / N)
 
 
-def test_generator_controls_the_draws():
-    aug = BatchedPhotometric(byol_view_specs(8)[1])
+@SEMANTICS
+def test_generator_controls_the_draws(semantics):
+    aug = BatchedPhotometric(byol_view_specs(8, semantics=semantics)[1])
     x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=gen(0))
     torch.testing.assert_close(aug(x, gen(7)), aug(x, gen(7)), atol=0, rtol=0)  # same seed, same views
     g = gen(7)

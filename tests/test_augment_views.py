@@ -1,5 +1,7 @@
 """The reference augmentation path (docs/method.md §3): shapes, reference values, and the rates and
-per-call randomness of every step, measured on tiny generated images.
+per-call randomness of every step, measured on tiny generated images. Tests of torchvision's own
+modules pin ``semantics="torchvision"``; the others run in both semantics (docs/fidelity.md; the
+official ops themselves are proved in tests/test_augment_official.py).
 
 Rates are checked against the binomial standard deviation: |rate - p| < 5 sigma with
 sigma = sqrt(p (1 - p) / n); the seeds make each run deterministic, the 5 sigma makes the bound
@@ -29,6 +31,8 @@ from byol.augment import (
 )
 
 N_DRAWS = 2000
+TV = "torchvision"
+SEMANTICS = pytest.mark.parametrize("semantics", ["official", TV])
 
 
 @pytest.fixture(autouse=True)
@@ -87,37 +91,42 @@ PLAIN = ViewSpec(**IDENTITY_CROP, flip_prob=0, jitter_prob=0, grayscale_prob=0, 
 
 # --- shapes and reference values ---------------------------------------------------------
 
+@SEMANTICS
 @pytest.mark.parametrize("hw,size", [((40, 50), 32), ((300, 260), 224), ((20, 24), 32), ((64, 64), 16)])
-def test_view_shape_dtype_and_range(hw, size):
+def test_view_shape_dtype_and_range(hw, size, semantics):
     torch.manual_seed(0)
-    for spec in byol_view_specs(size):
+    for spec in byol_view_specs(size, semantics=semantics):
         out = view_transform(spec)(noise(*hw))
         assert out.shape == (3, size, size) and out.dtype == torch.float32
         x = denormalize(out)
         assert x.min() >= -1e-5 and x.max() <= 1 + 1e-5
 
 
-def test_normalisation_reference_values():
+@SEMANTICS
+def test_normalisation_reference_values(semantics):
+    # The identity crop at the image's size: an exact identity in both semantics (official: one
+    # box, the whole image, and bicubic weights (0, 1, 0, 0) at scale 1).
     torch.manual_seed(0)
     img = noise(16, 16)
     expected = (img.float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
         IMAGENET_STD
     ).view(3, 1, 1)
-    out = view_transform(PLAIN)(img)
+    out = view_transform(replace(PLAIN, semantics=semantics))(img)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(denormalize(out), img.float() / 255, atol=1e-6, rtol=0)
 
 
-def test_solarize_reference_values():
+@SEMANTICS
+def test_solarize_reference_values(semantics):
     # x <- 1 - x where x >= 0.5 (docs/method.md §3), on the float [0, 1] image: 128/255 flips, 127 not.
     ramp = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, 16, 16).contiguous()
-    out = denormalize(view_transform(replace(PLAIN, solarize_prob=1.0))(ramp))
+    out = denormalize(view_transform(replace(PLAIN, solarize_prob=1.0, semantics=semantics))(ramp))
     x = ramp.float() / 255
     torch.testing.assert_close(out, torch.where(x >= 0.5, 1 - x, x), atol=1e-6, rtol=0)
 
 
 def test_pipeline_order_and_parameters():
-    t1, t2 = byol_view_specs(224)
+    t1, t2 = byol_view_specs(224, semantics=TV)
     ops1, ops2 = view_transform(t1).transforms, view_transform(t2).transforms
     names = [type(op).__name__ for op in ops2]
     assert names == [
@@ -136,8 +145,19 @@ def test_pipeline_order_and_parameters():
     assert blur.kernel_size == (23, 23) and list(blur.sigma) == [0.1, 2.0]  # paper: 23x23 at 224
     assert ops2[6].threshold == 0.5
     # 32-px preset: no blur in either view.
-    for spec in byol_view_specs(32, blur=False):
+    for spec in byol_view_specs(32, blur=False, semantics=TV):
         assert find(view_transform(spec), v2.GaussianBlur) is None
+
+
+def test_official_pipeline_order():
+    from byol.augment.views import CropFlip, OfficialPhotometric
+
+    t1, t2 = byol_view_specs(224)  # official: the default
+    assert t1.semantics == t2.semantics == "official"
+    ops = view_transform(t2).transforms
+    assert [type(op) for op in ops] == [CropFlip, OfficialPhotometric, v2.Normalize]
+    assert ops[1].spec == t2 and ops[1].radius == 11  # 23x23 at 224, as torchvision's
+    assert list(ops[2].mean) == list(t2.mean) and list(ops[2].std) == list(t2.std)
 
 
 def test_blur_kernel_size():
@@ -155,7 +175,7 @@ def test_blur_kernel_size():
 
 def test_each_image_of_a_batch_gets_its_own_parameters():
     torch.manual_seed(0)
-    t = view_transform(byol_view_specs(16)[0])
+    t = view_transform(byol_view_specs(16, semantics=TV)[0])
     boxes = record_params(find(t, v2.RandomResizedCrop))
     img = noise(64, 64)
     out = torch.stack([t(img) for _ in range(16)]).flatten(1)
@@ -166,7 +186,7 @@ def test_each_image_of_a_batch_gets_its_own_parameters():
 
 def test_crop_box_distribution():
     torch.manual_seed(0)
-    crop = find(view_transform(ViewSpec(size=16)), v2.RandomResizedCrop)
+    crop = find(view_transform(ViewSpec(size=16, semantics=TV)), v2.RandomResizedCrop)
     img = noise(100, 100)
     boxes = [crop.make_params([img]) for _ in range(500)]
     area = torch.tensor([b["height"] * b["width"] / 1e4 for b in boxes])
@@ -177,19 +197,21 @@ def test_crop_box_distribution():
     assert ratio.min() >= 0.7 and ratio.max() <= 1.4
 
 
-def test_two_views_are_independent():
+@SEMANTICS
+def test_two_views_are_independent(semantics):
     torch.manual_seed(0)
     img = noise(40, 50)
-    v1, v2_ = two_view_transform(*byol_view_specs(32))(img)
+    v1, v2_ = two_view_transform(*byol_view_specs(32, semantics=semantics))(img)
     assert v1.shape == v2_.shape == (3, 32, 32)
     assert not torch.allclose(v1, v2_)
     # Even with the same distribution on both sides the draws are independent.
-    t = view_transform(ViewSpec(size=32))
+    t = view_transform(ViewSpec(size=32, semantics=semantics))
     a, b = TwoViews(t, t)(img)
     assert not torch.allclose(a, b)
 
 
-def test_dataloader_batch_has_per_sample_parameters():
+@SEMANTICS
+def test_dataloader_batch_has_per_sample_parameters(semantics):
     class Same(Dataset):
         def __init__(self, img, views):
             self.img, self.views = img, views
@@ -201,7 +223,7 @@ def test_dataloader_batch_has_per_sample_parameters():
             return self.views(self.img)
 
     torch.manual_seed(0)
-    views = two_view_transform(*byol_view_specs(16))
+    views = two_view_transform(*byol_view_specs(16, semantics=semantics))
     v1, v2_ = next(iter(DataLoader(Same(noise(48, 48), views), batch_size=16)))
     for batch in (v1, v2_):
         flat = batch.flatten(1)
@@ -215,11 +237,12 @@ def count(transform, img, predicate, n=N_DRAWS) -> int:
     return sum(bool(predicate(denormalize(transform(img)))) for _ in range(n))
 
 
-def test_solarize_rate():
+@SEMANTICS
+def test_solarize_rate(semantics):
     # A constant 0.8 image stays 0.8 through crop, flip and blur; solarized it becomes 0.2.
     torch.manual_seed(0)
     img = constant((204, 204, 204))
-    t1, t2 = byol_view_specs(16, jitter_prob=0.0, grayscale_prob=0.0)
+    t1, t2 = byol_view_specs(16, jitter_prob=0.0, grayscale_prob=0.0, semantics=semantics)
     solarized = lambda x: (x - 0.2).abs().max() < 1e-3  # noqa: E731
     unchanged = lambda x: (x - 0.8).abs().max() < 1e-3  # noqa: E731
     assert count(view_transform(t1), img, solarized) == 0
@@ -227,32 +250,37 @@ def test_solarize_rate():
     assert_rate(count(view_transform(t2), img, solarized), N_DRAWS, 0.2)
 
 
-def test_blur_rate():
+@pytest.mark.parametrize("semantics,side", [("official", 24), (TV, 16)])
+def test_blur_rate(semantics, side):
     # A 1-pixel checkerboard under the identity crop keeps its variance 0.25 unless blurred.
     # sigma >= 1 here because sigma near 0.1 leaves a 3x3 kernel almost a delta (undetectable).
+    # The official kernel radius is int(side / 20): 24 px for a 3x3 kernel (16 px would give none).
     torch.manual_seed(0)
-    board = ((torch.arange(16).view(16, 1) + torch.arange(16)) % 2 * 255).to(torch.uint8)
-    img = board.expand(3, 16, 16).contiguous()
-    t1, t2 = byol_view_specs(jitter_prob=0.0, grayscale_prob=0.0, blur_sigma=(1.0, 2.0), **IDENTITY_CROP)
+    board = ((torch.arange(side).view(side, 1) + torch.arange(side)) % 2 * 255).to(torch.uint8)
+    img = board.expand(3, side, side).contiguous()
+    t1, t2 = byol_view_specs(jitter_prob=0.0, grayscale_prob=0.0, blur_sigma=(1.0, 2.0),
+                             **dict(IDENTITY_CROP, size=side), semantics=semantics)
     blurred = lambda x: x.var() < 0.1  # noqa: E731
     assert count(view_transform(t1), img, blurred) == N_DRAWS
     assert_rate(count(view_transform(replace(t2, solarize_prob=0.0)), img, blurred), N_DRAWS, 0.1)
 
 
-def test_grayscale_rate():
+@SEMANTICS
+def test_grayscale_rate(semantics):
     # Every other step active: only grayscale makes the three channels of a noise image equal.
     torch.manual_seed(0)
-    t2 = byol_view_specs(16)[1]
+    t2 = byol_view_specs(16, semantics=semantics)[1]
     gray = lambda x: (x[0] - x[1]).abs().max() < 1e-5 and (x[1] - x[2]).abs().max() < 1e-5  # noqa: E731
     assert_rate(count(view_transform(t2), noise(24, 24), gray), N_DRAWS, 0.2)
 
 
-def test_jitter_rate():
+@SEMANTICS
+def test_jitter_rate(semantics):
     # A constant colour keeps its exact value through crop, flip and blur unless jittered.
     torch.manual_seed(0)
     img = constant((200, 100, 50))
     base = img.float() / 255
-    t1 = byol_view_specs(16, grayscale_prob=0.0)[0]
+    t1 = byol_view_specs(16, grayscale_prob=0.0, semantics=semantics)[0]
     changed = lambda x: (x - base).abs().max() > 1e-3  # noqa: E731
     assert_rate(count(view_transform(t1), img, changed), N_DRAWS, 0.8)
 
@@ -262,7 +290,7 @@ def test_jitter_order_is_random_per_call():
     # transform() applies the four adjustments in that order. Record the drawn orders through
     # the whole pipeline: all 24 orders occur, each about 1/24 of the time...
     torch.manual_seed(0)
-    t = view_transform(ViewSpec(size=16, jitter_prob=1.0))
+    t = view_transform(ViewSpec(size=16, jitter_prob=1.0, semantics=TV))
     jitter = find(t, v2.ColorJitter)
     drawn = record_params(jitter)
     img = noise(24, 24)
@@ -317,6 +345,7 @@ def test_byol_view_specs():
         ("blur_kernel_fraction", 0.0, "augment.blur_kernel_fraction"),
         ("std", (0.2, 0.0, 0.2), "augment.std"),
         ("mean", (0.5, 0.5), "augment.mean"),
+        ("semantics", "tensorflow", "augment.semantics must be one of official, torchvision, got 'tensorflow'"),
     ],
 )
 def test_view_spec_validation(field, value, message):
@@ -332,29 +361,44 @@ def test_overrides_are_validated():
 
 # --- evaluation transform -------------------------------------------------------------------
 
-def test_eval_transform_shape_and_determinism():
+@SEMANTICS
+def test_eval_transform_shape_and_determinism(semantics):
     torch.manual_seed(0)
     img = noise(300, 260)
-    t = eval_transform(224)
+    t = eval_transform(224, semantics=semantics)
     out = t(img)
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
     torch.testing.assert_close(t(img), out, atol=0, rtol=0)
-    assert eval_transform(32, crop_fraction=1.0)(noise(40, 50)).shape == (3, 32, 32)
+    assert eval_transform(32, crop_fraction=1.0, semantics=semantics)(noise(40, 50)).shape == (3, 32, 32)
 
 
-def test_eval_transform_reference_values():
-    # 224 of 256 (docs/method.md §5): a 256x256 image is not resized, only centre-cropped.
+@SEMANTICS
+def test_eval_transform_reference_values(semantics):
+    # 224 of 256 (docs/method.md §5): a 256x256 image is not resized, only centre-cropped (official:
+    # the centre square of int(0.875 * 256) = 224 at offset (256 - 224 + 1) // 2 = 16, resized at scale 1).
     torch.manual_seed(0)
     img = noise(256, 256)
     expected = view_transform(PLAIN)  # normalise only
-    out = eval_transform(224)(img)
+    out = eval_transform(224, semantics=semantics)(img)
     crop = img[:, 16:240, 16:240]
     torch.testing.assert_close(denormalize(out), crop.float() / 255, atol=1e-6, rtol=0)
     small = noise(16, 16)
-    torch.testing.assert_close(eval_transform(16, crop_fraction=1.0)(small), expected(small), atol=1e-6, rtol=0)
+    torch.testing.assert_close(eval_transform(16, crop_fraction=1.0, semantics=semantics)(small), expected(small),
+                               atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs", [dict(size=0), dict(size=32, crop_fraction=0.0), dict(size=32, crop_fraction=1.5)])
+def test_eval_transform_semantics_differ_and_have_their_own_repr():
+    # 300 x 260: torchvision resizes the shorter side to 256, then crops 224; official crops the
+    # centre 227 x 227 square (int(0.875 * 260)), then resizes it to 224.
+    torch.manual_seed(0)
+    img = noise(300, 260)
+    tv, official = eval_transform(224), eval_transform(224, semantics="official")  # torchvision: the default
+    assert (official(img) - tv(img)).abs().max() > 0.1
+    assert repr(official) != repr(tv) and "crop_fraction=0.875" in repr(official)  # feature caches key on it
+
+
+@pytest.mark.parametrize("kwargs", [dict(size=0), dict(size=32, crop_fraction=0.0), dict(size=32, crop_fraction=1.5),
+                                    dict(size=32, semantics="tf")])
 def test_eval_transform_validation(kwargs):
     with pytest.raises(ValueError):
         eval_transform(**kwargs)
@@ -366,7 +410,7 @@ def test_crop_flip_draws_and_returns_what_the_v2_pipeline_does():
     from byol.augment.views import CropFlip, geometric_ops
 
     for size, shape in ((32, (3, 32, 32)), (16, (3, 40, 24)), (24, (3, 17, 50))):
-        spec = ViewSpec(size=size)
+        spec = ViewSpec(size=size, semantics=TV)
         fast, ref = CropFlip(spec), v2.Compose(geometric_ops(spec))
         img = torch.randint(0, 256, shape, dtype=torch.uint8)
         flips = 0
@@ -378,6 +422,6 @@ def test_crop_flip_draws_and_returns_what_the_v2_pipeline_does():
             assert a.dtype == torch.uint8 and a.shape == (3, size, size)
             assert torch.equal(a, b) and torch.equal(after_a, after_b)
             torch.manual_seed(seed)
-            no_flip = CropFlip(ViewSpec(size=size, flip_prob=0.0))(img)
+            no_flip = CropFlip(ViewSpec(size=size, flip_prob=0.0, semantics=TV))(img)
             flips += not torch.equal(a, no_flip)
         assert 5 < flips < 35  # p = 0.5: both branches were taken

@@ -230,3 +230,33 @@ def test_embed_accepts_a_run_dir_and_an_unlabelled_folder(tmp_path, run_dir, exp
                                atol=1e-5, rtol=0)
     with pytest.raises(DataError, match="images folder not found"):
         embed_folder(path, tmp_path / "nope", tmp_path / "c.npy", progress=False)
+
+
+def test_padding_is_recorded_and_restored(tmp_path):
+    """padding="same" (the released weights') round-trips and is format version 2; files without
+    the key (written before it existed) are symmetric."""
+    from byol.models.backbones import SameConv2d
+
+    torch.manual_seed(0)
+    same = resnet("resnet18", width=0.25, padding="same").eval()
+    path = tmp_path / "same.safetensors"
+    meta = save_encoder(same, path, backbone="resnet18", width=0.25, padding="same", augment_semantics="official")
+    assert meta["padding"] == "same" and meta["version"] == 2 and meta["augment_semantics"] == "official"
+    loaded = load_encoder(path)
+    assert loaded.padding == "same" and isinstance(loaded.conv1, SameConv2d)
+    x = torch.randn(2, 3, 33, 33)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), same(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pads 'same'"):
+        save_encoder(same, tmp_path / "x.safetensors", backbone="resnet18", width=0.25)
+    sym = tmp_path / "sym.safetensors"
+    assert save_encoder(resnet("resnet18"), sym, backbone="resnet18")["version"] == 1  # readable by older byol
+    old = json.loads(_header(sym)["__metadata__"]["byol_encoder"])
+    del old["padding"]
+    legacy = tmp_path / "legacy.safetensors"
+    save_file(load_file(str(sym)), str(legacy), metadata={"byol_encoder": json.dumps(old)})
+    assert load_encoder(legacy).padding == "symmetric"
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(sym)), str(bad), metadata={"byol_encoder": json.dumps({**old, "padding": "valid"})})
+    with pytest.raises(DataError, match="unknown padding 'valid'"):
+        load_encoder(bad)

@@ -505,12 +505,15 @@ def test_one_pixel_image_goes_through_every_view_pipeline(tmp_path):
     img = decode_image(_write(tmp_path / "pixel.png", (10, 150, 240), size=(1, 1)))
     assert img.shape == (3, 1, 1)
     torch.manual_seed(0)
-    crop = CropFlip(ViewSpec(size=32))(img)  # what feeds the batched path
+    crop = CropFlip(ViewSpec(size=32, semantics="torchvision"))(img)  # what feeds the batched path
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
     assert (crop == img).all()  # a constant image stays that colour
+    crop = CropFlip(ViewSpec(size=32))(img)  # official semantics: float crops in [0, 1]
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.float32
+    assert torch.allclose(crop * 255, img.float(), atol=1e-3)
     aug = Augment()  # batched: crop + flip in the worker, the rest on the device
     v1, v2 = make_views(aug)(img)
-    assert v1.shape == v2.shape == (3, 224, 224) and v1.dtype == torch.uint8
+    assert v1.shape == v2.shape == (3, 224, 224) and v1.dtype == torch.float32
     f1, f2 = DeviceViews(aug, seed=0)(v1[None], v2[None], step=0)
     assert f1.shape == f2.shape == (1, 3, 224, 224) and torch.isfinite(f1).all()
     reference = make_views(Augment(backend="reference"))(img)  # the views.py reference path

@@ -3,11 +3,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from byol.losses import regression_loss, symmetric_regression_loss
 from byol.models import BYOL, EMATarget, MLPHead, OnlineTarget, StopGradTarget, normalized_std, resnet
+from byol.models.backbones import SameConv2d, SameMaxPool2d, SameWSConv2d
+from byol.models.norms import WSConv2d
 
 
 def tiny_byol(**kw) -> BYOL:
@@ -183,3 +186,65 @@ def test_normalized_std_detects_collapse():
     healthy = normalized_std(torch.randn(512, 64))
     collapsed = normalized_std(torch.ones(512, 64) + 1e-4 * torch.randn(512, 64))
     assert 0.9 < healthy < 1.1 and collapsed < 0.01
+
+
+# --- padding="same": TensorFlow's "SAME", what the released weights were trained with -----------
+
+def _tf_same(n: int, k: int, s: int) -> tuple[int, int]:
+    """TensorFlow's rule, written out: out = ceil(n / s), the extra pixel at the bottom/right."""
+    out = -(-n // s)
+    total = max((out - 1) * s + k - n, 0)
+    return total // 2, total - total // 2
+
+
+@pytest.mark.parametrize("k,s", [(7, 2), (3, 2), (1, 2), (3, 1)])
+def test_same_conv_and_pool_pad_as_tensorflow(k, s):
+    torch.manual_seed(0)
+    conv = SameConv2d(2, 3, k, stride=s, bias=False)
+    pool = SameMaxPool2d(3, stride=2)
+    for n in range(5, 13):  # odd and even: the pads change with the parity of the input
+        x = torch.randn(1, 2, n, n + 1)
+        (top, bottom), (left, right) = _tf_same(n, k, s), _tf_same(n + 1, k, s)
+        expected = F.conv2d(F.pad(x, (left, right, top, bottom)), conv.weight, stride=s)
+        torch.testing.assert_close(conv(x), expected)
+        assert conv(x).shape[-2:] == (-(-n // s), -(-(n + 1) // s))
+        (top, bottom), (left, right) = _tf_same(n, 3, 2), _tf_same(n + 1, 3, 2)
+        padded = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        torch.testing.assert_close(pool(x), F.max_pool2d(padded, 3, 2))
+    assert _tf_same(8, 3, 2) == (0, 1) and _tf_same(224, 7, 2) == (2, 3)  # the asymmetric cases
+
+
+def test_same_padding_changes_numerics_not_names():
+    torch.manual_seed(0)
+    sym, same = resnet("resnet50", width=0.25), resnet("resnet50", width=0.25, padding="same")
+    assert sym.padding == "symmetric" and same.padding == "same"
+    assert {k: v.shape for k, v in sym.state_dict().items()} == {k: v.shape for k, v in same.state_dict().items()}
+    same.load_state_dict(sym.state_dict())
+    # symmetric is exactly as before: torchvision's own layers; same converts only the strided ones
+    assert not any(isinstance(m, (SameConv2d, SameMaxPool2d)) for m in sym.modules())
+    converted = {n for n, m in same.named_modules() if isinstance(m, (SameConv2d, SameMaxPool2d))}
+    assert {"conv1", "maxpool", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2"} <= converted
+    assert all(m.stride != (1, 1) or n == "maxpool" for n, m in same.named_modules() if n in converted)
+    x = torch.randn(2, 3, 64, 64)
+    sym.eval(), same.eval()
+    with torch.no_grad():
+        a, b = sym(x), same(x)
+    assert a.shape == b.shape and not torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="model.padding"):
+        resnet("resnet18", padding="valid")
+
+
+def test_same_padding_with_channels_last_bf16_and_gn_ws():
+    torch.manual_seed(0)
+    net = resnet("resnet18", width=0.25, padding="same").eval()
+    x = torch.randn(2, 3, 45, 45)
+    with torch.no_grad():
+        ref = net(x)
+        cl = net.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf = net(x)
+    assert bf.dtype == torch.bfloat16 and (bf.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    ws = resnet("resnet18", width=0.25, norm="gn_ws", padding="same")
+    assert isinstance(ws.conv1, SameWSConv2d) and isinstance(ws.layer1[0].conv1, WSConv2d)
+    assert ws(x).shape == (2, 128)

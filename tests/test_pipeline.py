@@ -1,6 +1,7 @@
 """TrainBatches yields exactly what the training loop fed the step before it existed: the same
-sampler, loader, device views, transfer and memory format, for both augmentation backends,
-from the start, mid-epoch and across an epoch boundary, on one process and as rank 1 of 2."""
+sampler, loader, device views, transfer and memory format, for both augmentation backends and
+both semantics (docs/fidelity.md), from the start, mid-epoch and across an epoch boundary, on one
+process and as rank 1 of 2."""
 from __future__ import annotations
 
 import functools
@@ -19,10 +20,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @functools.cache
-def _setup(backend: str, channels_last: bool = True):
+def _setup(backend: str, channels_last: bool = True, semantics: str = "official"):
     # 40 images, global batch 8 -> 5 steps per epoch
     cfg = load_config(None, [*TINY, "data.dataset=shapes", "data.shapes_size=40", "data.val_fraction=0",
-                             f"augment.backend={backend}", f"train.channels_last={channels_last}"])
+                             f"augment.backend={backend}", f"train.channels_last={channels_last}",
+                             f"augment.semantics={semantics}"])
     return cfg, build_pretrain_data(cfg).views
 
 
@@ -85,11 +87,12 @@ def _assert_same(expected, got, memory_format):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("semantics", ["official", "torchvision"])
 @pytest.mark.parametrize("backend", ["reference", "batched"])
 @pytest.mark.parametrize("rank, world", [(0, 1), (1, 2)])
 @pytest.mark.parametrize("start", [(0, 0, 0), (0, 3, 3), (1, 0, 5)], ids=["start", "mid_epoch", "at_boundary"])
-def test_batches_are_the_ones_the_loop_fed_the_step(device, backend, rank, world, start):
-    cfg, views = _setup(backend)
+def test_batches_are_the_ones_the_loop_fed_the_step(device, semantics, backend, rank, world, start):
+    cfg, views = _setup(backend, semantics=semantics)
     device = torch.device(device)
     stop_at = 8 if start[2] < 5 else 12  # every case crosses one epoch boundary (5 steps an epoch)
     torch.manual_seed(1)
@@ -109,6 +112,22 @@ def test_contiguous_memory_format_and_persistent_workers():
     expected = _reference(views, cfg, device, 2, 0, 1, (0, 3, 3), 8)
     got = _pipeline(views, cfg, device, 2, 0, 1, (0, 3, 3), 8)
     _assert_same(expected, got, torch.contiguous_format)
+
+
+@pytest.mark.parametrize("semantics,dtype", [("official", torch.float32), ("torchvision", torch.uint8)])
+def test_the_workers_hand_the_device_crops_of_the_semantics(semantics, dtype):
+    """augment.backend=batched: the loader's crops are uint8 in torchvision semantics and float32 in
+    [0, 1] in official semantics (the release's resize is float, clipped after the /255); the
+    reference backend's views are normalised floats in both."""
+    cfg, views = _setup("batched", semantics=semantics)
+    v1, v2, _ = views[(0, 3)]
+    assert v1.dtype == v2.dtype == dtype and v1.shape == (3, 16, 16)
+    if semantics == "official":
+        assert 0 <= v1.min() and v1.max() <= 1 and not torch.equal(v1, (v1 * 255).round() / 255)  # not 8-bit
+    batch = next(iter(TrainBatches(views, cfg, torch.device("cpu"), 0).epoch(0)))
+    assert batch[0].dtype == batch[1].dtype == torch.float32 and batch[0].min() < 0  # normalised
+    cfg, views = _setup("reference", semantics=semantics)
+    assert views[(0, 3)][0].dtype == torch.float32
 
 
 def test_the_batched_backend_draws_the_device_views_of_each_global_step():

@@ -111,7 +111,8 @@ def test_batched_augmentation_backend_trains_and_resumes_exactly(tmp_path):
 
     views = make_views(Augment(preset="byol32", size=16, backend="batched"))
     v1, v2 = views(torch.randint(0, 256, (3, 24, 20), dtype=torch.uint8))
-    assert v1.dtype == v2.dtype == torch.uint8 and v1.shape == v2.shape == (3, 16, 16)
+    # official semantics (the default): the workers hand float32 crops in [0, 1] to the device
+    assert v1.dtype == v2.dtype == torch.float32 and v1.shape == v2.shape == (3, 16, 16)
 
     full = pretrain(_cfg(tmp_path, "bfull", "augment.backend=batched"))
     part = pretrain(_cfg(tmp_path, "bsplit", "augment.backend=batched", "train.max_steps=4"))
@@ -136,3 +137,26 @@ def test_persistent_loader_workers_give_the_views_of_the_in_process_loader(tmp_p
     a, _ = _params(inline.run_dir)
     b, _ = _params(workers.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_saved_before_augment_semantics_resumes_and_evaluates_in_torchvision_semantics(tmp_path):
+    """Runs written before ``augment.semantics`` existed trained with torchvision's ops: their saved
+    config (config.yaml or the checkpoint's) without the key reads back as torchvision, so the resume
+    continues the same augmentation and the evaluation uses the run's own transform."""
+    import yaml
+
+    from byol.config.resume import resumed_config
+    from byol.eval.commands import load_checkpoint_run
+
+    part = pretrain(_cfg(tmp_path, "old", "augment.semantics=torchvision", "train.max_steps=2"))
+    saved = part.run_dir / "config.yaml"
+    raw = yaml.safe_load(saved.read_text())
+    del raw["augment"]["semantics"]
+    saved.write_text(yaml.safe_dump(raw))
+    assert resumed_config(part.run_dir).augment.semantics == "torchvision"
+    assert load_config(None, []).augment.semantics == "official"  # a new run: the default
+    ckpt = find_checkpoint(part.run_dir)
+    sd = load_checkpoint(ckpt)
+    del sd["extra"]["config"]["augment"]["semantics"]
+    torch.save(sd, ckpt)  # an unsealed file, as older versions wrote
+    assert load_checkpoint_run(ckpt).cfg.augment.semantics == "torchvision"

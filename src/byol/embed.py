@@ -22,7 +22,7 @@ from byol.data.folder import ImageFolderDataset
 from byol.data.transforms import eval_crop_fraction
 from byol.data.workers import default_workers
 from byol.eval.features import extract_features
-from byol.export import _run_encoder, load_encoder
+from byol.export import _run_encoder, is_encoder_file, load_encoder
 from byol.files import atomic_path, atomic_write_text
 from byol.train.runtime import resolve_device
 
@@ -30,8 +30,10 @@ from byol.train.runtime import resolve_device
 def encoder_transform(meta: dict):
     """The centre-crop eval transform (docs/method.md §5) matching an encoder's ``byol_meta``:
     uint8 [3, H, W] -> float32 [3, image_size, image_size], normalised."""
+    # an export written before byol recorded augment_semantics trained with torchvision's ops
     return eval_transform(meta["image_size"], crop_fraction=meta["eval_crop_fraction"],
-                          mean=meta["mean"], std=meta["std"])
+                          mean=meta["mean"], std=meta["std"],
+                          semantics=meta.get("augment_semantics") or "torchvision")
 
 
 class _Decoded(Dataset):
@@ -52,8 +54,9 @@ class _Decoded(Dataset):
 
 
 def _open_encoder(source: str | os.PathLike, device: torch.device) -> tuple[nn.Module, dict]:
-    """An exported ``.safetensors`` encoder, or the online encoder of a run dir / checkpoint."""
-    if Path(source).suffix == ".safetensors":
+    """An encoder file (our ``.safetensors`` export, or a release ``.pkl``), or the online
+    encoder of a run dir / checkpoint."""
+    if is_encoder_file(source):
         encoder = load_encoder(source)
         return encoder.to(device), encoder.byol_meta
     encoder, arch = _run_encoder(source)

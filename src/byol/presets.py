@@ -65,6 +65,10 @@ BYOL_AUGMENT: dict[str, Any] = {
     "std": IMAGENET_STD,
 }
 
+# How each op of T and T' is computed (docs/fidelity.md): official, as the authors' released code
+# computes it (the default: the paper's numbers were made with it), or torchvision's ops.
+AUGMENT_SEMANTICS = ("official", "torchvision")
+
 AUGMENT_SETS: dict[str, dict[str, Any]] = {
     "byol": BYOL_AUGMENT,
     # 32 px (CIFAR): blur left out, a 3-pixel kernel does little (docs/method.md §3).

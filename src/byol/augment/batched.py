@@ -1,12 +1,16 @@
 """The fast augmentation path: the photometric steps of T and T' (docs/method.md §3), batched.
 
-The data flow (docs/architecture.md, "Data flow"): workers only crop and flip to uint8
-``[3, size, size]``; the colour jitter (four adjustments in a per-sample random order),
+The data flow (docs/architecture.md, "Data flow"): workers only crop, resize and flip
+(``views.CropFlip``) to ``[3, size, size]``: uint8 in torchvision semantics, float32 in [0, 1]
+in official semantics (the release's resize is float and only clipped after the /255,
+docs/fidelity.md); the colour jitter (four adjustments in a per-sample random order),
 grayscale, Gaussian blur, solarize and normalisation run here on a whole batch
 ``[B, 3, H, W]`` with every parameter drawn per sample and per view, as the reference path
 (``views.photometric_ops``) draws them per call. Each op is a pure tensor function taking
 per-sample parameters ``[B]``; each matches the torchvision.transforms.v2.functional op of the
-same name on one image with the same parameter (tests/test_augment_batched.py).
+same name on one image with the same parameter (tests/test_augment_batched.py). In official
+semantics brightness, contrast, saturation and blur are ``official``'s functions, the other ops
+these (the same arithmetic as the release's).
 
 The costly ops (hue: an HSV round trip; blur) run either on the whole batch and are kept by a
 mask (no host synchronisation, the choice on accelerators) or on the gathered subset of samples
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from byol.augment import official
 from byol.augment.views import SOLARIZE_THRESHOLD, ViewSpec, blur_kernel_size
 
 # ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
@@ -148,8 +153,9 @@ class PhotometricParams:
     """Per-sample draws of the photometric steps of one view (docs/method.md §3), all of length B.
 
     ``order [B, 4]`` is the jitter order (op ids BRIGHTNESS..HUE, applied left to right);
-    ``brightness``/``contrast``/``saturation`` are blend factors and ``hue`` a hue shift in
-    turns, used only where ``jitter``; ``sigma`` is used only where ``blur``.
+    ``brightness``/``contrast``/``saturation`` are blend factors (in official semantics
+    ``brightness`` is an additive delta) and ``hue`` a hue shift in turns, used only where
+    ``jitter``; ``sigma`` is used only where ``blur``.
     """
 
     jitter: Tensor
@@ -168,13 +174,20 @@ class PhotometricParams:
         return PhotometricParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+def _clipped(fn, x: Tensor, param: Tensor) -> Tensor:
+    """``fn(x, param)`` clipped to [0, 1]: each jitter op of the official semantics."""
+    return fn(x, param).clamp_(0.0, 1.0)
+
+
 class BatchedPhotometric:
     """The photometric part of one view distribution T or T' (docs/method.md §3), batched.
 
-    uint8 ``[B, 3, H, W]`` (cropped and flipped by the workers) -> float32 ``[B, 3, H, W]``
-    normalised with ``spec.mean``/``spec.std``: jitter (prob ``jitter_prob``, random order),
-    grayscale, blur, solarize, clamp to [0, 1], normalise -- the steps and distributions of
-    ``views.photometric_ops(spec)`` followed by ``Normalize``, drawn independently per sample.
+    ``[B, 3, H, W]`` (cropped and flipped by the workers: uint8 in torchvision semantics, float32
+    in [0, 1] in official semantics, which also takes uint8 as k / 255) -> float32
+    ``[B, 3, H, W]`` normalised with ``spec.mean``/``spec.std``: jitter (prob ``jitter_prob``,
+    random order), grayscale, blur, solarize, clamp to [0, 1], normalise -- the steps and
+    distributions of ``views.photometric_ops(spec)`` followed by ``Normalize``, drawn
+    independently per sample, in ``spec.semantics``.
 
     Randomness comes only from the ``generator`` passed to each call. Parameters are drawn on
     the generator's device and moved to the batch's device: a CPU generator gives the same
@@ -186,7 +199,10 @@ class BatchedPhotometric:
     def __init__(self, spec: ViewSpec, *, compact: bool | None = None) -> None:
         self.spec = spec
         self.compact = compact
-        self.kernel_size = blur_kernel_size(spec.size, spec.blur_kernel_fraction)
+        if spec.is_official:
+            self.blur_radius = official.blur_radius(spec.size, spec.blur_kernel_fraction)
+        else:
+            self.kernel_size = blur_kernel_size(spec.size, spec.blur_kernel_fraction)
 
     def __repr__(self) -> str:
         return f"BatchedPhotometric({self.spec})"
@@ -201,18 +217,21 @@ class BatchedPhotometric:
     def sample_params(self, batch: int, generator: torch.Generator) -> PhotometricParams:
         """Draw every parameter for ``batch`` samples from ``generator`` (on its device).
 
-        The ranges are ColorJitter's: factor ~ U[max(0, 1 - a), 1 + a] for brightness,
-        contrast and saturation, hue ~ U[-h, h]; the order is a uniform permutation per sample;
-        sigma ~ U[blur_sigma].
+        torchvision semantics, ColorJitter's ranges: factor ~ U[max(0, 1 - a), 1 + a] for
+        brightness, contrast and saturation. Official semantics, the release's: a brightness
+        delta ~ U[-a, a], contrast and saturation factors ~ U[1 - a, 1 + a]. Both: hue ~ U[-h, h];
+        the order is a uniform permutation per sample; sigma ~ U[blur_sigma].
         """
         s, g, n = self.spec, generator, batch
+        low = (lambda a: 1 - a) if s.is_official else (lambda a: max(0.0, 1 - a))
         return PhotometricParams(
             jitter=self._coin(n, s.jitter_prob, g),
             # argsort of i.i.d. uniforms is a uniform random permutation (ties have prob ~0).
             order=torch.rand(n, 4, generator=g, device=g.device, dtype=torch.float64).argsort(dim=1),
-            brightness=self._uniform(n, max(0.0, 1 - s.brightness), 1 + s.brightness, g),
-            contrast=self._uniform(n, max(0.0, 1 - s.contrast), 1 + s.contrast, g),
-            saturation=self._uniform(n, max(0.0, 1 - s.saturation), 1 + s.saturation, g),
+            brightness=(self._uniform(n, -s.brightness, s.brightness, g) if s.is_official
+                        else self._uniform(n, max(0.0, 1 - s.brightness), 1 + s.brightness, g)),
+            contrast=self._uniform(n, low(s.contrast), 1 + s.contrast, g),
+            saturation=self._uniform(n, low(s.saturation), 1 + s.saturation, g),
             hue=self._uniform(n, -s.hue, s.hue, g),
             grayscale=self._coin(n, s.grayscale_prob, g),
             blur=self._coin(n, s.blur_prob, g),
@@ -242,14 +261,54 @@ class BatchedPhotometric:
                 x = masked_apply(x, p.jitter & (op == HUE), adjust_hue, p.hue, compact=compact)
         return x
 
+    def _official_jitter(self, x: Tensor, p: PhotometricParams, compact: bool) -> Tensor:
+        """Official colour jitter (docs/fidelity.md): at each of the 4 positions every jittered
+        sample runs its op there, clipped to [0, 1]; ops of strength 0 are left out."""
+        s = self.spec
+        ops = ((BRIGHTNESS, s.brightness, official.adjust_brightness, p.brightness),
+               (CONTRAST, s.contrast, official.adjust_contrast, p.contrast),
+               (SATURATION, s.saturation, official.adjust_saturation, p.saturation),
+               (HUE, s.hue, adjust_hue, p.hue))
+        for pos in range(4):
+            at = p.order[:, pos]
+            for op, strength, fn, param in ops:
+                if strength > 0:
+                    x = masked_apply(x, p.jitter & (at == op), partial(_clipped, fn), param, compact=compact)
+        return x
+
+    def _official(self, x: Tensor, p: PhotometricParams, compact: bool) -> Tensor:
+        """Rows 3-6 of docs/method.md §3 as the release computes them, as
+        ``views.OfficialPhotometric`` does per image. float ``[B, 3, H, W]`` in [0, 1] -> same."""
+        if self.spec.jitter_prob > 0:
+            x = self._official_jitter(x, p, compact)
+        if self.spec.grayscale_prob > 0:
+            x = torch.where(_per_sample(p.grayscale), rgb_to_grayscale(x).expand_as(x), x)
+        x = x.clamp(0.0, 1.0)  # the end of the release's colour stage
+        if self.spec.blur_prob > 0 and self.blur_radius > 0:
+            blur = partial(official.gaussian_blur, radius=self.blur_radius)
+            x = masked_apply(x, p.blur, blur, p.sigma, compact=compact)
+        if self.spec.solarize_prob > 0:
+            x = torch.where(_per_sample(p.solarize), solarize(x), x)
+        return x
+
+    def _official_input(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or x.dtype not in (torch.float32, torch.uint8):
+            raise ValueError("BatchedPhotometric input must be float32 in [0, 1] (or uint8) [B, 3, H, W] "
+                             f"in official semantics, got {x.dtype} {tuple(x.shape)}")
+        return x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x
+
     def apply(self, x: Tensor, params: PhotometricParams) -> Tensor:
-        """The photometric steps with the given draws. uint8 ``[B, 3, H, W]`` -> float32 normalised."""
+        """The photometric steps with the given draws. ``[B, 3, H, W]`` -> float32 normalised:
+        uint8 in torchvision semantics, float32 in [0, 1] (or uint8) in official semantics."""
+        p = params.to(x.device)
+        compact = x.device.type == "cpu" if self.compact is None else self.compact
+        if self.spec.is_official:
+            x = self._official(self._official_input(x), p, compact)
+            return normalize(x.clamp(0.0, 1.0), self.spec.mean, self.spec.std)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(
                 f"BatchedPhotometric input must be uint8 [B, 3, H, W], got {x.dtype} {tuple(x.shape)}"
             )
-        p = params.to(x.device)
-        compact = x.device.type == "cpu" if self.compact is None else self.compact
         x = x.to(torch.float32).mul_(1.0 / 255)  # as v2.ToDtype(float32, scale=True)
         if self.spec.jitter_prob > 0:
             x = self._jitter(x, p, compact)

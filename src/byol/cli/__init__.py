@@ -5,6 +5,7 @@
     byol pretrain --resume runs/cifar10_resnet18-20261123-101500
     byol eval knn|linear|finetune runs/NAME [--train /imgs/train --test /imgs/test]
     byol export runs/NAME --out encoder.safetensors        # then byol.load_encoder(...)
+    byol import-official pretrain_res50x1.pkl --out res50x1.safetensors   # DeepMind's released weights
     byol embed encoder.safetensors /imgs --out emb.npy
     byol report runs/NAME
     torchrun --nproc-per-node 8 -m byol pretrain --config imagenet_resnet50_300ep data.path=/imgs

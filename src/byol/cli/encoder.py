@@ -1,6 +1,7 @@
-"""`byol export` and `byol embed`: a run's encoder outside training.
+"""`byol export`, `byol import-official` and `byol embed`: an encoder outside training.
 
     byol export RUN_DIR --out encoder.safetensors          # the online encoder + encoder.json
+    byol import-official pretrain_res50x1.pkl --out res50x1.safetensors   # DeepMind's released weights
     byol embed encoder.safetensors IMAGES --out emb.npy    # features of a folder (+ emb.files.txt)
 """
 from __future__ import annotations
@@ -12,18 +13,33 @@ FMT = argparse.RawDescriptionHelpFormatter
 EXAMPLES = {
     "export": "example:\n  byol export runs/demo --out encoder.safetensors   # + encoder.json\n"
               "  python -c \"import byol; f = byol.load_encoder('encoder.safetensors')\"",
+    "import-official": "example:\n  byol import-official pretrain_res50x1.pkl --out res50x1.safetensors\n"
+                       "  byol eval knn res50x1.safetensors --train /data/train --test /data/test\n"
+                       "  byol embed res50x1.safetensors /data/images --out emb.npy",
     "embed": "example:\n  byol embed encoder.safetensors /data/images --out emb.npy  # + emb.files.txt\n"
              "  byol embed runs/demo /data/images --out emb.npy",
 }
 
 
+def _report(verb: str, out: dict) -> None:
+    """Two lines for an encoder written by ``byol export`` or ``byol import-official``."""
+    padding = f", padding={out['padding']}" if out.get("padding", "symmetric") != "symmetric" else ""
+    print(f"{verb} the {out['which']} encoder ({out['backbone']} x{out['width']:g}, D={out['feature_dim']}"
+          f"{padding}, step {out['step']}) of {out['source_checkpoint']}")
+    print(f"encoder: {out['out']}\narchitecture: {out['sidecar']}")
+
+
 def cmd_export(args) -> int:
     from byol.export import export_encoder
 
-    out = export_encoder(args.run, args.out, which=args.which, force=args.force)
-    print(f"exported the {out['which']} encoder ({out['backbone']} x{out['width']:g}, "
-          f"D={out['feature_dim']}, step {out['step']}) of {out['source_checkpoint']}")
-    print(f"encoder: {out['out']}\narchitecture: {out['sidecar']}")
+    _report("exported", export_encoder(args.run, args.out, which=args.which, force=args.force))
+    return 0
+
+
+def cmd_import_official(args) -> int:
+    from byol.export import import_official
+
+    _report("imported", import_official(args.checkpoint, args.out, which=args.which, force=args.force))
     return 0
 
 
@@ -54,6 +70,21 @@ def add_encoder_parsers(sub) -> None:
                    help="online encoder f_theta (default) or the EMA target f_xi")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_export)
+
+    o = sub.add_parser("import-official", help="DeepMind's released BYOL checkpoint (.pkl) -> an encoder export",
+                       epilog=EXAMPLES["import-official"], formatter_class=FMT,
+                       description="Convert a checkpoint of DeepMind's BYOL release (pretrain_res50x1.pkl, "
+                                   "pretrain_res200x2.pkl) into the format of `byol export`: its encoder as "
+                                   "our ResNet with TensorFlow \"SAME\" padding (the release's numerics), "
+                                   "for byol.load_encoder, byol embed and byol eval. The pickle is read by a "
+                                   "restricted unpickler: arrays and records only; anything else is refused "
+                                   "without running it.")
+    o.add_argument("checkpoint", metavar="FILE.pkl")
+    o.add_argument("--out", required=True, metavar="FILE.safetensors")
+    o.add_argument("--which", choices=("online", "target"), default="online",
+                   help="online encoder f_theta (default; what the release evaluates) or the EMA target f_xi")
+    o.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    o.set_defaults(func=cmd_import_official)
 
     e = sub.add_parser("embed", help="features of every image in a folder -> .npy",
                        epilog=EXAMPLES["embed"], formatter_class=FMT,

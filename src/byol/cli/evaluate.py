@@ -3,6 +3,10 @@
 Every eval command takes --train DIR --test DIR (labelled folders: transfer to another dataset)
 or neither (the run's own held-out split), and --random-init (an untrained encoder of the same
 architecture: the floor). Protocols and defaults: docs/evaluation.md.
+
+Instead of a run, an exported encoder (``byol export``, ``byol import-official``: FILE.safetensors)
+or a released BYOL checkpoint (FILE.pkl) is evaluated the same way, on --train and --test folders
+(it has no data of its own); results are printed, not written.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ EXAMPLES = {
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT|ENCODER",
+                   help="a run directory, a checkpoint, an exported encoder (.safetensors) or a released "
+                        "BYOL checkpoint (.pkl)")
     p.add_argument("--train", help="labelled folder to train/fit on (default: the run's train split)")
     p.add_argument("--test", help="labelled folder to test on (default: the run's held-out split)")
     p.add_argument("--random-init", action="store_true",
@@ -46,10 +52,25 @@ def _print_result(name: str, out: dict) -> None:
         print(f"results: {out['written_to']}")
 
 
+def _run(args):
+    """The run the eval commands take: ``args.run`` (a run dir or checkpoint), or for an encoder file
+    (an export, a release checkpoint) the run ``byol.export.export_as_run`` makes of it; an encoder
+    has no held-out split of its own, so it needs --train and --test."""
+    from byol.data.errors import DataError
+    from byol.export import export_as_run, is_encoder_file
+
+    if not is_encoder_file(args.run):
+        return args.run
+    if args.train is None or args.test is None:
+        raise DataError(f"eval {args.protocol_name}: {args.run} is an encoder without data of its own; "
+                        "give --train and --test folders")
+    return export_as_run(args.run)
+
+
 def cmd_eval_knn(args) -> int:
     from byol.eval.commands import knn_command
 
-    out = knn_command(args.run, train=args.train, test=args.test, k=args.k,
+    out = knn_command(_run(args), train=args.train, test=args.test, k=args.k,
                       temperature=args.temperature, batch_size=args.batch_size,
                       device=args.device, workers=args.workers, random_init=args.random_init,
                       seed=args.seed)
@@ -78,19 +99,20 @@ def _check_protocol_flags(args) -> None:
 
 def cmd_eval_linear(args) -> int:
     _check_protocol_flags(args)
+    run = _run(args)
     common = dict(train=args.train, test=args.test, device=args.device, workers=args.workers,
                   seed=args.seed, random_init=args.random_init)
     if args.protocol == "paper":
         from byol.eval.finetune import paper_linear_command
 
-        out = paper_linear_command(args.run, epochs=80 if args.epochs is None else args.epochs,
+        out = paper_linear_command(run, epochs=80 if args.epochs is None else args.epochs,
                                    batch_size=256 if args.batch_size is None else args.batch_size,
                                    base_lr=0.2 if args.base_lr is None else args.base_lr, **common)
         _print_result(f"linear (paper protocol, {out['epochs']} epochs)", out)
         return 0
     from byol.eval.linear import fast_linear_command
 
-    out = fast_linear_command(args.run, val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+    out = fast_linear_command(run, val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
                               lrs=args.lrs,
                               weight_decays=args.weight_decays, epochs=args.epochs,
                               batch_size=args.batch_size, cache=not args.no_cache, **common)
@@ -101,7 +123,7 @@ def cmd_eval_linear(args) -> int:
 def cmd_eval_finetune(args) -> int:
     from byol.eval.finetune import finetune_command
 
-    out = finetune_command(args.run, labels_fraction=args.labels_fraction, labels_file=args.labels_file,
+    out = finetune_command(_run(args), labels_fraction=args.labels_fraction, labels_file=args.labels_file,
                            train=args.train, test=args.test, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                            device=args.device, workers=args.workers, seed=args.seed,

@@ -188,6 +188,22 @@ def config_to_dict(cfg: Config) -> dict:
     return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
 
 
+# Keys added after runs were written, with the value that reproduces what those runs did: a
+# config saved without them resumes and evaluates as it trained.
+ADDED_KEYS: dict[tuple[str, str], Any] = {("augment", "semantics"): "torchvision"}
+
+
+def saved_run_config(raw: dict) -> dict:
+    """A config dict a run saved (config.yaml or a checkpoint), with every key of ``ADDED_KEYS``
+    it lacks set to the behaviour it was trained with."""
+    raw = {**raw}
+    for (section, key), value in ADDED_KEYS.items():
+        part = dict(raw.get(section) or {})
+        part.setdefault(key, value)
+        raw[section] = part
+    return raw
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write ``cfg`` as YAML, atomically: a kill or a full disk never leaves a run's config.yaml
     empty (a resume reads it)."""

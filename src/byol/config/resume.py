@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from byol.config.loading import apply_overrides, config_from_dict, parse_overrides, read_yaml
+from byol.config.loading import apply_overrides, config_from_dict, parse_overrides, read_yaml, saved_run_config
 from byol.config.sections import Config, ConfigError
 
 # What a resume may change: where and how it logs and evaluates, not what it trains; and the
@@ -35,6 +35,7 @@ def check_resume_overrides(overrides: list[str], allowed: Collection[str] = ALLO
 def resume_config(raw: dict) -> dict:
     """The run's saved config, minus the stop step of the session that wrote it: resuming a
     run stopped by ``train.max_steps`` continues to the end unless a new one is given."""
+    raw = saved_run_config(raw)
     train = dict(raw.get("train") or {})
     train.pop("max_steps", None)
     return {**raw, "train": train}

@@ -13,6 +13,7 @@ from typing import Any
 
 from byol.presets import (
     AUGMENT_ABLATIONS,
+    AUGMENT_SEMANTICS,
     AUGMENT_SETS,
     BYOL_AUGMENT,
     METHOD_PRESETS,
@@ -86,6 +87,9 @@ class Augment:
     preset: str = "byol"  # a key of presets.AUGMENT_SETS: byol (224 px) | byol32 (no blur)
     ablation: str = "full"  # full | no_colour | no_grayscale | crop_only | crop_blur | crop_colour
     backend: str = "batched"  # batched (photometric ops on the device) | reference (all per image in the loader)
+    # official: every op as the authors' released code computes it (docs/fidelity.md) |
+    # torchvision: torchvision.transforms.v2's ops, what the PyTorch BYOL libraries use
+    semantics: str = "official"
     size: int = _T6["size"]
     crop_scale: tuple[float, float] = _T6["crop_scale"]
     crop_ratio: tuple[float, float] = _T6["crop_ratio"]
@@ -105,6 +109,7 @@ class Augment:
     def __post_init__(self) -> None:
         _one_of("augment.preset", self.preset, tuple(AUGMENT_SETS))
         _one_of("augment.backend", self.backend, ("reference", "batched"))
+        _one_of("augment.semantics", self.semantics, AUGMENT_SEMANTICS)
         _one_of("augment.ablation", self.ablation, tuple(AUGMENT_ABLATIONS))
         _check(self.size >= 8, "augment.size", ">= 8", self.size)
         lo, hi = self.crop_scale
@@ -114,7 +119,7 @@ class Augment:
         from byol.augment.views import ViewSpec
 
         shared = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("preset", "ablation", "backend", "blur_prob", "solarize_prob")}
+                  if k not in ("preset", "ablation", "backend", "semantics", "blur_prob", "solarize_prob")}
         try:
             for view in (0, 1):
                 ViewSpec(**shared, blur_prob=self.blur_prob[view], solarize_prob=self.solarize_prob[view])
@@ -139,6 +144,10 @@ class Model:
     bn_free_heads: bool = True  # with bn_free_init: the heads' BN too (false: only the encoders')
     target_init: str = "independent"
     concat_views: bool = False
+    # the ResNets' strided convs and max pool: symmetric (torchvision's) | same (TensorFlow's
+    # "SAME", extra pixel at the bottom/right; what the released weights were trained with)
+    padding: str = "symmetric"
+    zero_init_residual: bool = False  # each residual block's last BN scale starts at 0 (the release's init)
 
     def __post_init__(self) -> None:
         from byol.models.backbones import RESNET_SPECS
@@ -153,6 +162,7 @@ class Model:
         if self.predictor_norm is not None:
             _one_of("model.predictor_norm", self.predictor_norm, HEAD_NORMS)
         _one_of("model.target_init", self.target_init, ("independent", "copy"))
+        _one_of("model.padding", self.padding, ("symmetric", "same"))
         # bn | gn_ws | none: the fourth, affine, only the BN-free init makes (model.bn_free_init)
         _one_of("model.backbone_norm", self.backbone_norm, BACKBONE_NORMS[:3])
         _check(not self.bn_free_init or self.backbone_norm == "bn", "model.backbone_norm",

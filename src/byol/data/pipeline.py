@@ -7,7 +7,8 @@
 One DataLoader serves the whole run (its workers persist across epochs): the sampler carries
 the epoch in every key and the views are seeded per sample (``byol.data.seeded``), so worker
 seeds never matter and a resumed run, started mid-epoch, sees the batches of the uninterrupted
-one. With ``augment.backend=batched`` the workers only crop and flip; ``DeviceViews`` draws the
+one. With ``augment.backend=batched`` the workers only crop and flip (uint8 crops in torchvision
+semantics, float32 in [0, 1] in official semantics, docs/fidelity.md); ``DeviceViews`` draws the
 photometric rest of T and T' on the device per batch, seeded by (seed, step, rank).
 """
 from __future__ import annotations
@@ -31,8 +32,9 @@ def memory_format_of(cfg: Config) -> torch.memory_format:
 
 class DeviceViews:
     """The photometric half of T and T' on the training device (augment.backend=batched):
-    uint8 views [B, 3, S, S] x2 (cropped and flipped by the workers) -> float views, normalised,
-    every parameter drawn per sample. The draws come from a CPU generator seeded by (seed, step,
+    views [B, 3, S, S] x2 (cropped and flipped by the workers: uint8 in torchvision semantics,
+    float32 in [0, 1] in official semantics) -> float views, normalised, every parameter drawn
+    per sample, in ``augment.semantics``. The draws come from a CPU generator seeded by (seed, step,
     rank): the same on any device, and a resumed run draws what the uninterrupted one did."""
 
     def __init__(self, aug: Augment, seed: int) -> None:
@@ -81,7 +83,7 @@ class TrainBatches:
     def _batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for k, (v1, v2, labels) in enumerate(self.loader):
             v1, v2 = (v.to(self.device, non_blocking=True) for v in (v1, v2))
-            if self.device_views is not None:  # uint8 crops -> the rest of T and T', batched
+            if self.device_views is not None:  # crops -> the rest of T and T', batched
                 v1, v2 = self.device_views(v1, v2, step + k, self.rank)
             v1, v2 = (v.contiguous(memory_format=self.memory_format) for v in (v1, v2))
             yield v1, v2, labels

@@ -1,9 +1,10 @@
 """The transforms the config's ``augment`` section asks for (docs/method.md §3, §5).
 
 ``view_specs``: the ViewSpecs of T and T', built from the fields ``Augment`` shares with
-``ViewSpec`` by name; ``make_views``: what the loader workers do to each image;
-``make_eval_transform``: the deterministic centre crop of evaluation. The device half of the
-batched backend is ``byol.data.pipeline.DeviceViews``.
+``ViewSpec`` by name (``augment.semantics`` among them, docs/fidelity.md); ``make_views``: what
+the loader workers do to each image; ``make_eval_transform``: the deterministic centre crop of
+evaluation, in the run's ``augment.semantics``. The device half of the batched backend is
+``byol.data.pipeline.DeviceViews``.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def view_specs(aug: Augment) -> tuple[ViewSpec, ViewSpec]:
 
 def make_views(aug: Augment) -> Callable:
     """What the workers do to each image. ``reference``: all of T and T' (float views);
-    ``batched``: crop + flip only (uint8 views), the rest runs on the device per batch
+    ``batched``: crop + flip only (``CropFlip``: uint8 views in torchvision semantics, float32 in
+    [0, 1] in official semantics), the rest runs on the device per batch
     (``byol.data.pipeline.DeviceViews``, applied by ``TrainBatches``)."""
     t1, t2 = view_specs(aug)
     if aug.backend == "batched":
@@ -46,4 +48,7 @@ def eval_crop_fraction(size: int) -> float:
 
 
 def make_eval_transform(aug: Augment) -> Callable:
-    return eval_transform(aug.size, crop_fraction=eval_crop_fraction(aug.size), mean=aug.mean, std=aug.std)
+    """The evaluation transform of a run whose config has ``aug``: its size, mean and std, and its
+    ``augment.semantics`` (official: the release's centre crop and resize, docs/fidelity.md)."""
+    return eval_transform(aug.size, crop_fraction=eval_crop_fraction(aug.size), mean=aug.mean, std=aug.std,
+                          semantics=aug.semantics)

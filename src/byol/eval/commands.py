@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from byol.config import Config, config_from_dict
+from byol.config.loading import saved_run_config
 from byol.data.errors import DataError
 from byol.data.sources import Transformed
 from byol.data.transforms import make_eval_transform
@@ -41,7 +42,10 @@ class LoadedRun(NamedTuple):
 
 
 def load_checkpoint_run(run_or_checkpoint: str | Path) -> LoadedRun:
-    """A run directory (its checkpoints/last.pt) or a checkpoint file -> LoadedRun."""
+    """A run directory (its checkpoints/last.pt) or a checkpoint file -> LoadedRun; a LoadedRun
+    (an exported or imported encoder, ``byol.export.export_as_run``) is returned as it is."""
+    if isinstance(run_or_checkpoint, LoadedRun):
+        return run_or_checkpoint
     ckpt = find_checkpoint(run_or_checkpoint)
     # one read: the hash is of exactly the bytes loaded, even if a run still training replaces
     # last.pt meanwhile (features of old weights must never be cached under a new file's hash)
@@ -60,7 +64,7 @@ def load_checkpoint_run(run_or_checkpoint: str | Path) -> LoadedRun:
     del raw
     if "config" not in sd.get("extra", {}):
         raise DataError(f"{ckpt} is not a byol pretraining checkpoint")
-    cfg = config_from_dict(sd["extra"]["config"])
+    cfg = config_from_dict(saved_run_config(sd["extra"]["config"]))
     model = build_model(cfg)
     model.load_state_dict(sd["model"])
     run_dir = ckpt.parent.parent if (ckpt.parent.parent / "config.yaml").is_file() else None

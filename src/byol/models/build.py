@@ -28,12 +28,14 @@ TARGETS = {
 
 
 def build_encoder(cfg: Config):
-    """The encoder f described by ``cfg.model`` (random init)."""
+    """The encoder f described by ``cfg.model`` (random init): ``model.padding`` symmetric
+    (torchvision's) or same (TensorFlow's, the released weights'), ``model.zero_init_residual``
+    (each block's last BN scale starts at 0, the release's init; docs/fidelity.md)."""
     m = cfg.model
     # BN-free init (docs/method.md §8): the BN network is built first, with the last norm of each
     # residual block at 0 (the paper's gamma_0 = 0); build_model removes its BN layers.
     return resnet(m.backbone, width=m.width, cifar_stem=m.cifar_stem, norm=m.backbone_norm,
-                  zero_init_residual=m.bn_free_init)
+                  zero_init_residual=m.bn_free_init or m.zero_init_residual, padding=m.padding)
 
 
 def encoder_norm(cfg: Config) -> str:

@@ -17,6 +17,6 @@ def calibration_batch(cfg: Config, data, device: torch.device, memory_format=tor
     g = torch.Generator().manual_seed(cfg.train.seed + 1009 * distributed.rank())
     items = [data.views[(0, int(i))] for i in torch.randperm(len(data.views), generator=g)[:n]]
     v1, v2 = (torch.stack([item[k] for item in items]).to(device) for k in (0, 1))
-    if cfg.augment.backend == "batched":  # uint8 crops -> the photometric half of T, as in training
+    if cfg.augment.backend == "batched":  # the workers' crops -> the photometric half of T, as in training
         v1, _ = DeviceViews(cfg.augment, cfg.train.seed)(v1, v2, 0, distributed.rank())
     return v1.contiguous(memory_format=memory_format)
