@@ -97,11 +97,16 @@ def resize_pairs():
         yield nchw(f"resize_in_{i}"), nchw(f"resize_out_{i}")
 
 
-def test_resize_matches_tensorflow_bit_for_bit():
+# The resize is TensorFlow's weights applied as matrix products: equal up to the order of the float32
+# sums (measured: 6e-5 at most on 0..255 values; a wrong weight, tap or centre is off by > 1).
+RESIZE_ATOL = 2e-4
+
+
+def test_resize_matches_tensorflow():
     for x, expected in resize_pairs():
         ours = official.resize_bicubic(x, tuple(expected.shape[-2:]))
         assert ours.dtype == torch.float32
-        assert torch.equal(ours, expected), (tuple(x.shape), tuple(expected.shape), maxdiff(ours, expected))
+        torch.testing.assert_close(ours, expected, atol=RESIZE_ATOL, rtol=0)
     # float, not clamped: the release's bicubic overshoots 0..255
     outs = torch.cat([e.flatten() for _, e in resize_pairs()])
     assert outs.min() < -5 and outs.max() > 260
@@ -113,7 +118,7 @@ def test_resize_differs_from_torchvision():
         size = list(expected.shape[-2:])
         for antialias in (True, False):
             tv = TF.resize(x, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=antialias)
-            assert maxdiff(tv, expected) > 1.0  # in 0..255 units, vs an exact match
+            assert maxdiff(tv, expected) > 1.0  # in 0..255 units, vs RESIZE_ATOL
 
 
 def test_resize_taps():
@@ -147,7 +152,7 @@ def test_view_crop_and_resize_match_the_release_end_to_end():
             box = official.crop_box(img.shape[1], img.shape[2], fix("geo_u")[j].tolist())
             ours = official.crop_resize(img, box, 224)
             assert ours.dtype == torch.float32 and 0 <= ours.min() and ours.max() <= 1
-            assert torch.equal(at_pixels(ours), torch.from_numpy(fix("geo_out")[j]))
+            torch.testing.assert_close(at_pixels(ours), torch.from_numpy(fix("geo_out")[j]), atol=1e-6, rtol=0)
 
 
 def test_view_crop_and_resize_differ_from_torchvision():
@@ -163,7 +168,7 @@ def test_eval_crop_matches_the_release_end_to_end():
     for i, img in geo_images():
         assert official.center_crop_box(img.shape[1], img.shape[2]) == tuple(fix(f"eval_box_{i}").tolist())
         expected = torch.from_numpy(fix("eval_out")[i])
-        assert torch.equal(at_pixels(OfficialCenterCrop(224, 0.875)(img)), expected)
+        torch.testing.assert_close(at_pixels(OfficialCenterCrop(224, 0.875)(img)), expected, atol=1e-6, rtol=0)
         ours = eval_transform(224, semantics="official")(img)  # + normalisation
         torch.testing.assert_close(at_pixels(ours), (expected - mean) / std, atol=1e-6, rtol=0)
         tv = eval_transform(224)(img)  # torchvision semantics: resize the shorter side, then crop

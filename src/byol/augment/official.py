@@ -116,26 +116,28 @@ def resize_taps(n_in: int, n_out: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(index.clip(0, n_in - 1)), torch.from_numpy(weight.astype(np.float32))
 
 
-def _resample(x: Tensor, dim: int, n_out: int) -> Tensor:
-    """The 1-D resize along ``dim``: ((w0 x0 + w1 x1) + w2 x2) + w3 x3, the release's order."""
-    index, weight = resize_taps(x.shape[dim], n_out)
-    index, weight = index.to(x.device), weight.to(device=x.device, dtype=x.dtype)
-    shape = [1] * x.ndim
-    shape[dim] = n_out
-    out = x.index_select(dim, index[0]) * weight[0].view(shape)
-    for k in range(1, 4):
-        out = out + x.index_select(dim, index[k]) * weight[k].view(shape)
-    return out
+def resize_matrix(n_in: int, n_out: int) -> Tensor:
+    """``resize_taps`` as the dense ``[n_out, n_in]`` float32 weight matrix of the 1-D resize (built
+    per call from the cached taps: a matrix per size pair would hold megabytes for photos of
+    varied sizes; building one costs a few microseconds)."""
+    index, weight = resize_taps(n_in, n_out)
+    return torch.zeros(n_out, n_in).scatter_add_(1, index.T, weight.T)
 
 
 def resize_bicubic(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """TensorFlow's bicubic resize (half-pixel centres, no antialiasing), rows then columns.
+    """TensorFlow's bicubic resize (half-pixel centres, no antialiasing) as two matrix products,
+    ``R_h x R_w^T`` with the weights of ``resize_taps``.
 
     ``[..., H, W]`` (uint8 values are read as float32) -> float32 ``[..., size[0], size[1]]``,
-    not clamped: bicubic overshoots (below 0 and above 255 for 8-bit images).
+    not clamped: bicubic overshoots (below 0 and above 255 for 8-bit images). Equal to
+    TensorFlow's output up to the order of the float32 sums (measured: within 6e-5 on 0..255
+    values, tests/test_augment_official.py); the products are 3x faster than summing the four
+    taps one by one at 32 px and 1.5x at 224 (docs/benchmarks.md).
     """
     x = x.to(torch.float32)
-    return _resample(_resample(x, x.ndim - 2, size[0]), x.ndim - 1, size[1])
+    rows = resize_matrix(x.shape[-2], size[0]).to(x.device)
+    cols = resize_matrix(x.shape[-1], size[1]).to(x.device)
+    return rows @ x @ cols.T
 
 
 def crop_resize(img: Tensor, box: tuple[int, int, int, int], size: int) -> Tensor:
