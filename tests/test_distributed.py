@@ -105,6 +105,39 @@ def test_ddp_steps_equal_single_process_steps(tmp_path, kind):
         assert int(ref.queue.count) == 24 and int(ref.queue.ptr) == 32 % 24
 
 
+def _accumulated_steps(model, v1, v2, n: int):
+    opt = LARS(param_groups(model, weight_decay=1e-4), lr=0.0)
+    train_step(model, opt, v1, v2, lr=0.5, tau=0.9, accumulate_steps=n)
+    train_step(model, opt, v2, v1, lr=0.5, tau=0.9, accumulate_steps=n)
+
+
+def _ddp_accumulate_worker(rank: int, port: int, out: str, kind: str) -> None:
+    _env(rank, port)
+    distributed.init_from_env("cpu")
+    try:
+        model = _mlp_byol(kind)
+        v1, v2 = _views(8)
+        half = slice(rank * 4, rank * 4 + 4)
+        _accumulated_steps(distributed.wrap(model, torch.device("cpu")), v1[half], v2[half], 2)
+        torch.save(model.state_dict(), f"{out}.{rank}")
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["byol", "moco"])
+def test_ddp_with_accumulation_equals_one_process_without(tmp_path, kind):
+    """optim.accumulate_steps=2 under DDP: 2 ranks x 2 micro-batches of 2 (all-reduce on the last
+    backward only, ``no_sync`` before) == batch 8 in one process with N=1, the queue too."""
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_accumulate_worker, args=(_free_port(), out, kind), nprocs=WORLD, join=True)
+    ref = _mlp_byol(kind)
+    _accumulated_steps(ref, *_views(8), 1)
+    for r in range(WORLD):
+        ddp = torch.load(f"{out}.{r}", weights_only=True)
+        for k, v in ref.state_dict().items():
+            assert torch.allclose(ddp[k], v, atol=1e-5, rtol=0), k
+
+
 def test_sampler_ranks_split_each_global_batch():
     one = list(ResumableSampler(20, seed=3, batch_size=8))
     ranks = [list(ResumableSampler(20, seed=3, rank=r, world_size=2, batch_size=8)) for r in range(2)]

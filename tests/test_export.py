@@ -260,3 +260,42 @@ def test_padding_is_recorded_and_restored(tmp_path):
     save_file(load_file(str(sym)), str(bad), metadata={"byol_encoder": json.dumps({**old, "padding": "valid"})})
     with pytest.raises(DataError, match="unknown padding 'valid'"):
         load_encoder(bad)
+
+
+def test_format_torchvision_of_our_resnet_loads_into_torchvision(tmp_path, run_dir):
+    from byol.export import _save_torchvision, encoder_meta
+
+    torch.manual_seed(0)
+    encoder = resnet("resnet18").eval()
+    _save_torchvision(encoder, encoder_meta(encoder, backbone="resnet18"), tmp_path / "r18.pth")
+    tv = torchvision.models.resnet18().eval()
+    result = tv.load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    tv.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x), encoder(x), atol=1e-5, rtol=0)
+    # the tiny run: width 1/8 and a CIFAR stem have no torchvision counterpart
+    with pytest.raises(DataError, match=r"torchvision has no resnet18 with width=0.125, cifar_stem=True"):
+        export_encoder(run_dir, tmp_path / "tiny.pth", format="torchvision")
+    with pytest.raises(DataError, match="--format timm needs a timm backbone"):
+        export_encoder(run_dir, tmp_path / "tiny.pth", format="timm")
+
+
+def test_format_onnx_matches_pytorch_with_a_dynamic_batch(tmp_path, run_dir, capsys):
+    import onnxruntime as ort
+
+    from byol.cli import main
+
+    out = tmp_path / "enc.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(out)]) == 0
+    assert "as onnx" in capsys.readouterr().out
+    assert json.loads((tmp_path / "enc.json").read_text())["export_format"] == "onnx"
+    session = ort.InferenceSession(str(out))
+    enc = load_checkpoint_run(run_dir).model.encoder.eval()
+    for n in (1, 3):
+        x = torch.randn(n, 3, 16, 16)
+        (y,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(y, enc(x).numpy(), atol=1e-4, rtol=1e-4)
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(out)]) == 2  # exists: --force

@@ -256,12 +256,12 @@ def test_exclusion_covers_every_norm_kind_and_bias():
         nn.Linear(4, 4, bias=False),              # weight kept
         nn.LayerNorm(4),
         nn.RMSNorm(4),
-        _WithOwnBias(),                           # "scale" kept, "bias" excluded
+        _WithOwnBias(),                           # "scale" (1-D) and "bias" excluded
         Affine(4),                                # a BN layer after the BN-free init
     )
     assert excluded_from_decay_and_adaptation(model) == {
         "0.bias", "1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias",
-        "4.weight", "4.bias", "7.weight", "7.bias", "8.weight", "9.bias", "10.weight", "10.bias",
+        "4.weight", "4.bias", "7.weight", "7.bias", "8.weight", "9.scale", "9.bias", "10.weight", "10.bias",
     }
 
 

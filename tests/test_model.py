@@ -248,3 +248,23 @@ def test_same_padding_with_channels_last_bf16_and_gn_ws():
     ws = resnet("resnet18", width=0.25, norm="gn_ws", padding="same")
     assert isinstance(ws.conv1, SameWSConv2d) and isinstance(ws.layer1[0].conv1, WSConv2d)
     assert ws(x).shape == (2, 128)
+
+
+@pytest.mark.parametrize("backbone, dim", [("timm/test_vit", 64), ("timm/mobilenetv3_small_050", 1024),
+                                           ("torchvision/regnet_y_400mf", 440), ("torchvision/vit_b_16", 768)])
+def test_named_backbones_are_headless_with_their_feature_dim(backbone, dim):
+    """The classifier is gone ([B, 3, H, W] -> [B, D]); D is read from the model; transformers get
+    augment.size as their image size; the EMA target is a separate copy of the named encoder."""
+    from byol.config import load_config
+    from byol.models.build import build_model
+
+    cfg = load_config(None, [f"model.backbone={backbone}", "augment.preset=byol32", "augment.size=32",
+                             "model.projector_hidden=16", "model.projector_out=8", "model.predictor_hidden=16"])
+    model = build_model(cfg).eval()
+    assert model.feature_dim == model.encoder.feature_dim == dim
+    assert model.encoder.byol_backbone == backbone
+    assert not any(isinstance(m, nn.Linear) and m.out_features == 1000 for m in model.encoder.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.encoder(x).shape == (2, dim) and model.target_encoder(x).shape == (2, dim)
+    assert model.target_encoder is not model.encoder

@@ -61,6 +61,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every batch norm of ``model`` as a SyncBatchNorm. A timm model's fused norm + activation
+    layers (BatchNormAct2d) go through timm's converter: torch's would turn them into a plain
+    SyncBatchNorm that drops the activation."""
+    if any(type(m).__module__.startswith("timm.") for m in model.modules()):
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel over the trainable (online) parameters; the target network has no
     gradients, so DDP leaves it alone and every rank updates it with the same EMA. On CUDA,
@@ -69,7 +80,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     if world_size() == 1:
         return model
     if device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 

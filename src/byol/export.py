@@ -15,6 +15,22 @@ The released BYOL checkpoints (``byol import-official``, byol/official/) are exp
 other: their metadata says ``padding: "same"`` (the release's convolutions; format version 2, which
 older byol versions refuse rather than misread) and ``source_format: "byol-release"``. Files that
 say no ``padding`` are symmetric (torchvision's), as before.
+
+Named backbones (``model.backbone=torchvision/NAME`` or ``timm/NAME``, byol.models.named) export
+the same way; the metadata's ``backbone`` is that name, so ``load_encoder`` rebuilds the model
+(a timm export needs timm installed: ``pip install 'byol[timm]'``).
+
+Deployment formats (``byol export RUN --format F --out FILE``), each with the sidecar json:
+
+- ``torchvision``: the encoder's state dict (``torch.save``; ``.safetensors`` if FILE says so),
+  named as ``torchvision.models.get_model(NAME)``'s: ``load_state_dict(sd, strict=False)``
+  reports exactly the classifier's keys missing (``fc.*``, ``classifier.N.*``, ``heads.head.*``),
+  or loads strictly once that Linear is replaced by ``nn.Identity()``. Our ResNets map onto
+  ``resnetNN`` (same names) at width 1 with the ImageNet stem, BN and symmetric padding only.
+- ``timm``: the same for timm backbones; ``timm.create_model(NAME, num_classes=0)`` loads it strictly.
+- ``onnx``: ``torch.onnx.export`` of the encoder in eval mode (``pip install 'byol[onnx]'``):
+  input ``images`` float32 [batch, 3, S, S] (normalised as the sidecar says), output
+  ``features`` [batch, D]; the batch axis is dynamic, S is the training size.
 """
 from __future__ import annotations
 
@@ -33,12 +49,15 @@ from byol.data.errors import DataError
 from byol.data.transforms import eval_crop_fraction
 from byol.files import atomic_path, atomic_write_text
 from byol.models.backbones import PADDINGS, RESNET_SPECS, resnet
+from byol.models.named import TIMM_MISSING, is_named, named_backbone, split_backbone
 from byol.models.norms import BACKBONE_NORMS
 from byol.train.runtime import resolve_device
 
 FORMAT = "byol-encoder"
 FORMAT_VERSION = 2  # 2: ``padding`` ("same" needs it); symmetric exports are still written as 1
 METADATA_KEY = "byol_encoder"
+EXPORT_FORMATS = ("byol", "torchvision", "timm", "onnx")
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # no resnet200 there
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:
@@ -87,16 +106,18 @@ def encoder_meta(encoder: nn.Module, *, backbone: str, width: float = 1.0, cifar
     puts in ``.byol_meta``), after checking that the arguments describe it."""
     from byol import __version__
 
-    if backbone not in RESNET_SPECS:
-        raise ValueError(f"backbone must be one of {', '.join(RESNET_SPECS)}, got {backbone!r}")
+    if backbone not in RESNET_SPECS and not is_named(backbone):
+        raise ValueError(f"backbone must be one of {', '.join(RESNET_SPECS)}, torchvision/NAME or timm/NAME, "
+                         f"got {backbone!r}")
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
     if getattr(encoder, "padding", padding) != padding:
         raise ValueError(f"encoder pads {encoder.padding!r}, not padding={padding!r}")
     shapes = {k: v.shape for k, v in encoder.state_dict().items()}
     with torch.device("meta"):  # shapes only: no memory, no init cost even for ResNet-200 4x
-        expected = {k: v.shape for k, v in resnet(backbone, width=width, cifar_stem=cifar_stem,
-                                                  norm=norm).state_dict().items()}
+        shape_only = (named_backbone(backbone, image_size=image_size) if is_named(backbone)
+                      else resnet(backbone, width=width, cifar_stem=cifar_stem, norm=norm))
+        expected = {k: v.shape for k, v in shape_only.state_dict().items()}
     if shapes != expected:
         raise ValueError(f"encoder does not match backbone={backbone} width={width} "
                          f"cifar_stem={cifar_stem} norm={norm} (state_dict keys or shapes differ)")
@@ -133,15 +154,74 @@ def _run_encoder(run_or_checkpoint: str | os.PathLike, which: str = "online") ->
 
 
 def export_encoder(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike, *,
-                   which: str = "online", force: bool = False) -> dict:
-    """``byol export``: the online encoder f_θ of a run dir or checkpoint -> ``out`` (safetensors)
-    + ``<stem>.json``. ``which="target"`` exports the EMA encoder f_ξ instead. Returns the
-    metadata plus ``out``, ``sidecar`` and ``num_tensors``."""
+                   which: str = "online", force: bool = False, format: str = "byol") -> dict:
+    """``byol export``: the online encoder f_θ of a run dir or checkpoint -> ``out`` + ``<stem>.json``.
+    ``which="target"`` exports the EMA encoder f_ξ instead. ``format``: byol (safetensors, for
+    ``load_encoder``; the default), torchvision, timm or onnx (the module docstring). Returns the
+    metadata plus ``out``, ``sidecar``, ``num_tensors`` and ``export_format``."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export: --format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     _refuse_overwrite(Path(out), force)  # before loading a possibly large checkpoint
     encoder, arch = _run_encoder(run_or_checkpoint, which)
-    meta = save_encoder(encoder, out, force=force, **arch)
+    if format == "byol":
+        meta = save_encoder(encoder, out, force=force, **arch)
+    else:
+        meta = encoder_meta(encoder, **arch)
+        {"torchvision": _save_torchvision, "timm": _save_timm, "onnx": _save_onnx}[format](encoder, meta, Path(out))
+        atomic_write_text(sidecar_path(out), json.dumps({**meta, "export_format": format}, indent=2) + "\n")
     return {**meta, "out": str(out), "sidecar": str(sidecar_path(out)),
-            "num_tensors": len(encoder.state_dict())}
+            "num_tensors": len(encoder.state_dict()), "export_format": format}
+
+
+def _save_state_dict(encoder: nn.Module, out: Path) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    with atomic_path(out) as tmp:
+        if out.suffix == ".safetensors":
+            safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, tmp)
+
+
+def _save_torchvision(encoder: nn.Module, meta: dict, out: Path) -> None:
+    """``--format torchvision``: a state dict for ``torchvision.models.get_model(NAME)`` (module docstring)."""
+    backbone = meta["backbone"]
+    parts = split_backbone(backbone)
+    if parts is not None and parts[0] != "torchvision":
+        raise DataError(f"export: --format torchvision needs a torchvision backbone, not {backbone} "
+                        f"(use --format {parts[0]})")
+    if parts is None:
+        ours = {"width": (meta["width"], 1.0), "cifar_stem": (meta["cifar_stem"], False),
+                "norm": (meta["norm"], "bn"), "padding": (meta["padding"], "symmetric")}
+        bad = [f"{k}={v!r}" for k, (v, want) in ours.items() if v != want]
+        if backbone not in TORCHVISION_RESNETS or bad:
+            raise DataError(f"export: --format torchvision: torchvision has no {backbone} with "
+                            f"{', '.join(bad) or 'this depth'} (it needs {'/'.join(TORCHVISION_RESNETS)} at "
+                            "width 1, ImageNet stem, BN, symmetric padding)")
+    _save_state_dict(encoder, out)
+
+
+def _save_timm(encoder: nn.Module, meta: dict, out: Path) -> None:
+    """``--format timm``: a state dict for ``timm.create_model(NAME, num_classes=0)``."""
+    parts = split_backbone(meta["backbone"])
+    if parts is None or parts[0] != "timm":
+        alt = "torchvision" if parts is None or parts[0] == "torchvision" else "byol"
+        raise DataError(f"export: --format timm needs a timm backbone, not {meta['backbone']} (use --format {alt})")
+    _save_state_dict(encoder, out)
+
+
+def _save_onnx(encoder: nn.Module, meta: dict, out: Path) -> None:
+    """``--format onnx``: images float32 [batch, 3, S, S] -> features [batch, D], dynamic batch."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise DataError("export: --format onnx needs onnx: pip install 'byol[onnx]'") from None
+    size = int(meta["image_size"])
+    x = torch.zeros(2, 3, size, size)  # 2, not 1: a batch of 1 would be specialised
+    encoder = encoder.cpu().eval()
+    with atomic_path(out) as tmp:
+        torch.onnx.export(encoder, (x,), str(tmp), input_names=["images"], output_names=["features"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
 
 
 def _read_meta(path: Path) -> dict:
@@ -167,9 +247,15 @@ def _read_meta(path: Path) -> dict:
     if meta.get("version", 0) > FORMAT_VERSION:
         raise DataError(f"{path}: encoder format {meta['version']} is newer than this byol reads "
                         f"({FORMAT_VERSION}); upgrade byol")
-    if meta.get("backbone") not in RESNET_SPECS:
+    named = split_backbone(str(meta.get("backbone")))
+    if meta.get("backbone") not in RESNET_SPECS and named is None:
         raise DataError(f"{path}: unknown backbone {meta.get('backbone')!r} "
-                        f"(known: {', '.join(RESNET_SPECS)})")
+                        f"(known: {', '.join(RESNET_SPECS)}, torchvision/NAME, timm/NAME)")
+    if named is not None and named[0] == "timm":
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            raise DataError(f"{path}: its backbone {meta['backbone']} needs timm: {TIMM_MISSING}") from None
     if meta.setdefault("norm", "bn") not in BACKBONE_NORMS:  # files before "norm" are BN ResNets
         raise DataError(f"{path}: unknown norm {meta['norm']!r} (known: {', '.join(BACKBONE_NORMS)})")
     if meta.setdefault("padding", "symmetric") not in PADDINGS:  # files before "padding": symmetric
@@ -177,10 +263,22 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _build_for(meta: dict, path: Path) -> nn.Module:
+    """The (random-init) encoder an export's metadata describes."""
+    if is_named(meta["backbone"]):
+        try:
+            return named_backbone(meta["backbone"], image_size=int(meta["image_size"]))
+        except ValueError as e:  # a model this torchvision/timm version does not have
+            raise DataError(f"{path}: {e}") from None
+    return resnet(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"], norm=meta["norm"],
+                  padding=meta["padding"])
+
+
 def load_encoder(path: str | os.PathLike, *, device: str = "cpu") -> nn.Module:
-    """Load an exported encoder f: a ``byol.models.backbones.ResNet`` (torchvision-style, forward
-    [B, 3, H, W] -> [B, D]) in eval mode on ``device``, with ``.byol_meta`` (image_size, mean,
-    std, eval_crop_fraction, padding, ...; see ``encoder_transform``). Never unpickles anything,
+    """Load an exported encoder f: a ``byol.models.backbones.ResNet`` (torchvision-style), or the
+    torchvision/timm model of a named backbone without its head (forward [B, 3, H, W] -> [B, D]),
+    in eval mode on ``device``, with ``.byol_meta`` (image_size, mean, std, eval_crop_fraction,
+    padding, ...; see ``encoder_transform``). Never unpickles anything,
     except a released BYOL checkpoint (``*.pkl``): its online encoder, converted on the fly
     (``byol.official``), read with a restricted unpickler that refuses, without running it,
     anything but arrays and records."""
@@ -193,8 +291,7 @@ def load_encoder(path: str | os.PathLike, *, device: str = "cpu") -> nn.Module:
     if path.suffix == ".pkl":
         return load_official(path).to(dev)
     meta = _read_meta(path)
-    encoder = resnet(meta["backbone"], width=meta["width"], cifar_stem=meta["cifar_stem"], norm=meta["norm"],
-                     padding=meta["padding"])
+    encoder = _build_for(meta, path)
     try:
         encoder.load_state_dict(safetensors.torch.load_file(str(path)), strict=True)
     except RuntimeError as e:  # missing/unexpected keys or shape mismatch
@@ -260,6 +357,8 @@ def export_as_run(path: str | os.PathLike):
     model = {"backbone": meta["backbone"], "width": meta["width"], "cifar_stem": meta["cifar_stem"],
              "padding": meta["padding"], "backbone_norm": "bn" if affine else meta["norm"],
              "bn_free_init": affine}
+    if is_named(meta["backbone"]):  # the options of our ResNets stay at their defaults
+        model = {"backbone": meta["backbone"]}
     # no augment_semantics: an export written before byol recorded it, so torchvision's ops
     augment = {"size": meta["image_size"], "mean": list(meta["mean"]), "std": list(meta["std"]),
                "semantics": meta.get("augment_semantics") or "torchvision"}

@@ -8,6 +8,7 @@
     byol import-official pretrain_res50x1.pkl --out res50x1.safetensors   # DeepMind's released weights
     byol embed encoder.safetensors /imgs --out emb.npy
     byol report runs/NAME
+    byol shard /imgs --out /shards                         # tar shards: data.path='/shards/train-{000000..000009}.tar'
     torchrun --nproc-per-node 8 -m byol pretrain --config imagenet_resnet50_300ep data.path=/imgs
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 \
         --rdzv-id r50 -m byol pretrain --config imagenet_resnet50_300ep data.path=/imgs
@@ -22,6 +23,7 @@ import os
 import re
 import sys
 
+from byol.cli.data import add_data_parsers
 from byol.cli.encoder import add_encoder_parsers
 from byol.cli.evaluate import add_eval_parsers
 from byol.cli.report import add_report_parsers
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoder_parsers(sub)
     add_report_parsers(sub)
     add_sweep_parsers(sub)
+    add_data_parsers(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """`byol export`, `byol import-official` and `byol embed`: an encoder outside training.
 
     byol export RUN_DIR --out encoder.safetensors          # the online encoder + encoder.json
+    byol export RUN_DIR --format onnx --out encoder.onnx   # or torchvision / timm: a plain state dict
     byol import-official pretrain_res50x1.pkl --out res50x1.safetensors   # DeepMind's released weights
     byol embed encoder.safetensors IMAGES --out emb.npy    # features of a folder (+ emb.files.txt)
 """
@@ -12,7 +13,10 @@ FMT = argparse.RawDescriptionHelpFormatter
 
 EXAMPLES = {
     "export": "example:\n  byol export runs/demo --out encoder.safetensors   # + encoder.json\n"
-              "  python -c \"import byol; f = byol.load_encoder('encoder.safetensors')\"",
+              "  python -c \"import byol; f = byol.load_encoder('encoder.safetensors')\"\n"
+              "  byol export runs/demo --format torchvision --out resnet50.pth # torchvision.models.resnet50()\n"
+              "  byol export runs/vit --format timm --out vit.safetensors    # timm.create_model(NAME, num_classes=0)\n"
+              "  byol export runs/demo --format onnx --out encoder.onnx      # images [N,3,S,S] -> features [N,D]",
     "import-official": "example:\n  byol import-official pretrain_res50x1.pkl --out res50x1.safetensors\n"
                        "  byol eval knn res50x1.safetensors --train /data/train --test /data/test\n"
                        "  byol embed res50x1.safetensors /data/images --out emb.npy",
@@ -24,15 +28,18 @@ EXAMPLES = {
 def _report(verb: str, out: dict) -> None:
     """Two lines for an encoder written by ``byol export`` or ``byol import-official``."""
     padding = f", padding={out['padding']}" if out.get("padding", "symmetric") != "symmetric" else ""
-    print(f"{verb} the {out['which']} encoder ({out['backbone']} x{out['width']:g}, D={out['feature_dim']}"
-          f"{padding}, step {out['step']}) of {out['source_checkpoint']}")
+    width = f" x{out['width']:g}" if "/" not in out["backbone"] else ""
+    fmt = f" as {out['export_format']}" if out.get("export_format", "byol") != "byol" else ""
+    print(f"{verb} the {out['which']} encoder ({out['backbone']}{width}, D={out['feature_dim']}"
+          f"{padding}, step {out['step']}) of {out['source_checkpoint']}{fmt}")
     print(f"encoder: {out['out']}\narchitecture: {out['sidecar']}")
 
 
 def cmd_export(args) -> int:
     from byol.export import export_encoder
 
-    _report("exported", export_encoder(args.run, args.out, which=args.which, force=args.force))
+    _report("exported", export_encoder(args.run, args.out, which=args.which, force=args.force,
+                                       format=args.format))
     return 0
 
 
@@ -68,6 +75,11 @@ def add_encoder_parsers(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE.safetensors")
     p.add_argument("--which", choices=("online", "target"), default="online",
                    help="online encoder f_theta (default) or the EMA target f_xi")
+    p.add_argument("--format", choices=("byol", "torchvision", "timm", "onnx"), default="byol",
+                   help="byol (default: safetensors + json for byol.load_encoder); torchvision / timm: "
+                        "a state dict (.pth, or .safetensors) for torchvision.models.NAME() (strict=False: "
+                        "only the classifier missing) / timm.create_model(NAME, num_classes=0); onnx: "
+                        "images [batch, 3, S, S] -> features [batch, D], dynamic batch (byol[onnx])")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_export)
 

@@ -52,7 +52,11 @@ class Data:
     """Where images come from. ``dataset``: "folder" (``path``, recursive) or "shapes" (built in)."""
 
     dataset: str = "folder"
+    # a folder of images, or tar shards: a brace pattern (shards/train-{000000..000099}.tar), a .tar,
+    # or a folder of .tar files (byol.data.shards; written by `byol shard`)
     path: str | None = None
+    format: str = "auto"  # auto (shards when path looks like them, see above) | folder | shards
+    shuffle_buffer: int = 10_000  # shards: samples in the seeded shuffle buffer after the shard order
     limit: int | None = None  # a seeded random subset of this many files
     val_fraction: float = 0.1  # held out per class (labelled data) for the kNN evaluation
     bad_files: str = "skip"  # skip (count and list them) | fail (stop, naming the file)
@@ -68,6 +72,8 @@ class Data:
 
     def __post_init__(self) -> None:
         _one_of("data.dataset", self.dataset, ("folder", "shapes"))
+        _one_of("data.format", self.format, ("auto", "folder", "shards"))
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.shuffle_buffer)
         _one_of("data.bad_files", self.bad_files, ("skip", "fail"))
         _one_of("data.verify", self.verify, ("quick", "full"))
         _check(self.limit is None or self.limit > 0, "data.limit", "> 0 or null", self.limit)
@@ -129,7 +135,15 @@ class Augment:
 
 @dataclass(frozen=True)
 class Model:
-    """Encoder f and heads g, q (docs/method.md §2)."""
+    """Encoder f and heads g, q (docs/method.md §2).
+
+    ``backbone``: one of our ResNets (resnet18..resnet200), ``torchvision/NAME`` (a torchvision
+    classification model) or ``timm/NAME`` (``pip install 'byol[timm]'``), headless
+    (byol.models.named). width, cifar_stem, padding, backbone_norm, zero_init_residual and
+    bn_free_init describe our ResNets only. ``init``: null (random), ``pretrained`` (a named
+    backbone's published weights) or the path of a state dict (.pt/.pth/.safetensors) loaded into
+    the encoder before training, online and target alike.
+    """
 
     backbone: str = "resnet50"
     width: float = 1.0
@@ -148,13 +162,32 @@ class Model:
     # "SAME", extra pixel at the bottom/right; what the released weights were trained with)
     padding: str = "symmetric"
     zero_init_residual: bool = False  # each residual block's last BN scale starts at 0 (the release's init)
+    init: str | None = None  # null (random) | pretrained (named backbones) | PATH of a state dict for the encoder
 
     def __post_init__(self) -> None:
         from byol.models.backbones import RESNET_SPECS
         from byol.models.heads import HEAD_NORMS
+        from byol.models.named import check_torchvision_name, split_backbone
         from byol.models.norms import BACKBONE_NORMS
 
-        _one_of("model.backbone", self.backbone, tuple(RESNET_SPECS))
+        named = split_backbone(self.backbone)
+        if named is None:
+            _check(self.backbone in RESNET_SPECS, "model.backbone",
+                   f"one of {', '.join(RESNET_SPECS)}, torchvision/NAME or timm/NAME", self.backbone)
+        elif named[0] == "torchvision" and (reason := check_torchvision_name(named[1])) is not None:
+            raise ConfigError(f"config: model.backbone: {reason}")
+        elif named:  # options of our ResNets only
+            ours = {"width": 1.0, "cifar_stem": False, "padding": "symmetric", "backbone_norm": "bn",
+                    "zero_init_residual": False, "bn_free_init": False}
+            for key, default in ours.items():
+                _check(getattr(self, key) == default, f"model.{key}",
+                       f"{default!r} with model.backbone={self.backbone} (an option of our ResNets)",
+                       getattr(self, key))
+        _check(self.init is None or (self.init != "pretrained" or named is not None), "model.init",
+               "a state-dict PATH or null for our ResNets (pretrained: torchvision/NAME or timm/NAME)",
+               self.init)
+        _check(self.init is None or bool(str(self.init).strip()), "model.init", "pretrained, a PATH or null",
+               self.init)
         _check(self.width > 0, "model.width", "> 0", self.width)
         for key in ("projector_hidden", "projector_out", "predictor_hidden"):
             _check(getattr(self, key) > 0, f"model.{key}", "> 0", getattr(self, key))
@@ -209,6 +242,9 @@ class Optim:
     weight_decay: float = _PAPER["weight_decay"]
     momentum: float = PAPER_MOMENTUM
     trust_coefficient: float = PAPER_TRUST_COEFFICIENT
+    # micro-batches per optimizer step: the batch is split in N (per rank), gradients averaged;
+    # one optimizer step and one EMA update per N micro-batches, schedules count steps (train/step.py)
+    accumulate_steps: int = 1
 
     def __post_init__(self) -> None:
         from byol.optim import OPTIMIZERS
@@ -221,6 +257,10 @@ class Optim:
         _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
         _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _check(self.trust_coefficient > 0, "optim.trust_coefficient", "> 0", self.trust_coefficient)
+        _check(self.accumulate_steps >= 1, "optim.accumulate_steps", ">= 1", self.accumulate_steps)
+        _check(self.batch_size % self.accumulate_steps == 0, "optim.batch_size",
+               f"a multiple of optim.accumulate_steps={self.accumulate_steps} (the batch is split into "
+               "that many micro-batches)", self.batch_size)
 
 
 @dataclass(frozen=True)

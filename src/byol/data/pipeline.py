@@ -64,7 +64,7 @@ class TrainBatches:
         self.device, self.rank = device, rank
         self.memory_format = memory_format_of(cfg)
         self.sampler = ResumableSampler(len(views), seed=cfg.train.seed, rank=rank, world_size=world,
-                                        batch_size=self.global_batch)
+                                        batch_size=self.global_batch, order=getattr(views, "order", None))
         # The loader takes its worker seeds from its own generator, never the global RNG.
         self.loader = loader(views, self.global_batch // world, workers=workers, sampler=self.sampler,
                              drop_last=True, pin_memory=device.type == "cuda",

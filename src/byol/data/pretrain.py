@@ -8,6 +8,7 @@ from torch.utils.data import Dataset, Subset
 from byol.config import Config
 from byol.data.errors import DataError
 from byol.data.seeded import SeededSamples
+from byol.data.shards import ShardDataset, ShardSamples
 from byol.data.sources import Transformed, ViewPairs, heldout_split, labels_of, open_images
 from byol.data.transforms import make_eval_transform, make_views
 
@@ -16,7 +17,7 @@ from byol.data.transforms import make_eval_transform, make_views
 class PretrainData:
     """The pretraining views plus, for labelled data, kNN bank (train split) and test split."""
 
-    views: SeededSamples  # (epoch, i) -> (view1, view2, label), seeded per sample
+    views: SeededSamples  # (epoch, i) -> (view1, view2, label), seeded per sample (ShardSamples for shards)
     source: Dataset  # the raw images (its .skipped grows when a file fails to decode late)
     bank: Dataset | None
     test: Dataset | None
@@ -36,7 +37,11 @@ def build_pretrain_data(cfg: Config) -> PretrainData:
             f"training images of {cfg.data.path or cfg.data.dataset}"
         )
     train = Subset(raw, train_idx)
-    views = SeededSamples(ViewPairs(train, make_views(cfg.augment)), cfg.train.seed)
+    pairs = ViewPairs(train, make_views(cfg.augment))
+    if isinstance(raw, ShardDataset):  # the sampler reads shards in a seeded shard order + buffer
+        views = ShardSamples(pairs, cfg.train.seed, [raw.shard_of[i] for i in train_idx], cfg.data.shuffle_buffer)
+    else:
+        views = SeededSamples(pairs, cfg.train.seed)
     bank = test = None
     num_classes = 0
     if labels is not None and test_idx:

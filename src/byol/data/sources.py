@@ -1,6 +1,6 @@
 """The images a run reads: its raw dataset, its held-out split, and per-image wrappers.
 
-``open_images`` gives ``(uint8 [3, H, W], label)`` from a folder or the built-in shapes;
+``open_images`` gives ``(uint8 [3, H, W], label)`` from a folder, tar shards or the built-in shapes;
 ``heldout_split`` is the one split of those into training and held-out images that
 pretraining (its kNN monitor) and every later evaluation use (docs/method.md §5);
 ``Transformed`` and ``ViewPairs`` apply a transform per image.
@@ -15,17 +15,21 @@ from byol.config import Data
 from byol.data.errors import DataError
 from byol.data.folder import ImageFolderDataset, split_per_class
 from byol.data.shapes import ShapesDataset
+from byol.data.shards import ShardDataset, is_shard_path
 
 
 def open_images(data: Data, path: str | None = None) -> Dataset:
-    """The raw dataset of ``data`` (uint8 [3,H,W], label) — a folder or the built-in shapes."""
+    """The raw dataset of ``data`` (uint8 [3,H,W], label): a folder, tar shards
+    (``byol.data.shards.is_shard_path``) or the built-in shapes."""
     if data.dataset == "shapes" and path is None:
         return ShapesDataset(data.shapes_size, image_size=data.shapes_image_size, seed=data.seed,
                              colour=data.shapes_colour)
     path = path or data.path
     if not path:
         raise DataError("data.path: required when data.dataset=folder (or use data.dataset=shapes)")
-    return ImageFolderDataset(
+    shards = data.format == "shards" or (data.format == "auto" and is_shard_path(path))
+    kind = ShardDataset if shards else ImageFolderDataset
+    return kind(
         path, bad_files=data.bad_files, verify=data.verify, limit=data.limit, seed=data.seed,
         max_pixels=data.max_pixels,
     )

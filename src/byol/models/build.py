@@ -15,6 +15,7 @@ from byol.losses import InfoNCELoss, RegressionLoss
 from byol.models.backbones import resnet
 from byol.models.byol import BYOL
 from byol.models.heads import MLPHead
+from byol.models.named import is_named, load_init, named_backbone, pretrained_state
 from byol.models.norms import remove_batchnorm
 from byol.models.queue import NegativeQueue
 from byol.models.targets import EMATarget, OnlineTarget, StopGradTarget
@@ -28,14 +29,39 @@ TARGETS = {
 
 
 def build_encoder(cfg: Config):
-    """The encoder f described by ``cfg.model`` (random init): ``model.padding`` symmetric
-    (torchvision's) or same (TensorFlow's, the released weights'), ``model.zero_init_residual``
-    (each block's last BN scale starts at 0, the release's init; docs/fidelity.md)."""
+    """The encoder f described by ``cfg.model`` (random init): one of our ResNets, or a named
+    torchvision/timm backbone without its classifier (``byol.models.named``; transformers get
+    ``augment.size`` as their image size). Our ResNets: ``model.padding`` symmetric (torchvision's)
+    or same (TensorFlow's, the released weights'), ``model.zero_init_residual`` (each block's last
+    BN scale starts at 0, the release's init; docs/fidelity.md). ``model.init`` is not applied
+    here but by :func:`init_encoders`, once, before training."""
     m = cfg.model
+    if is_named(m.backbone):
+        return named_backbone(m.backbone, image_size=cfg.augment.size)
     # BN-free init (docs/method.md §8): the BN network is built first, with the last norm of each
     # residual block at 0 (the paper's gamma_0 = 0); build_model removes its BN layers.
     return resnet(m.backbone, width=m.width, cifar_stem=m.cifar_stem, norm=m.backbone_norm,
                   zero_init_residual=m.bn_free_init or m.zero_init_residual, padding=m.padding)
+
+
+@torch.no_grad()
+def init_encoders(model: BYOL, cfg: Config) -> BYOL:
+    """``model.init`` before the first step: ``pretrained`` (a named backbone's published weights)
+    or a state-dict PATH (``named.load_init``) loaded into the online encoder f_θ and, so that
+    the target starts where the online network does, into the target encoder f_ξ too (whatever
+    ``model.target_init``; the heads keep their random init). A no-op for ``init: null``."""
+    init = cfg.model.init
+    if init is None:
+        return model
+    encoders = [model.encoder] + ([model.target_encoder] if hasattr(model, "target_encoder") else [])
+    if init == "pretrained":
+        state = pretrained_state(cfg.model.backbone, cfg.augment.size)
+        for enc in encoders:
+            enc.load_state_dict(state, strict=True)
+    else:
+        for enc in encoders:
+            load_init(enc, init)
+    return model
 
 
 def encoder_norm(cfg: Config) -> str:

@@ -117,6 +117,12 @@ class BYOL(nn.Module):
         if self.queue is not None:
             self.queue.commit()
 
+    def staged_keys(self) -> tuple[torch.Tensor, ...]:
+        """MoCo: the target projections [n, d] (one per view) the last forward staged for
+        ``update_queue``; () without a queue. Gradient accumulation (train/step.py) joins the
+        micro-batches' keys and stages them again (``queue.stage``), so a step appends them once."""
+        return self.queue._staged if self.queue is not None else ()
+
     # -- forward ------------------------------------------------------------------------------
     def _online(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
         """Online representations y, projections z and predictions p, one per view ([B, *] each)."""

@@ -7,9 +7,10 @@ Per parameter w with gradient g, weight decay wd, trust coefficient eta, momentu
     m <- mu * m + g                                   (trace with m_0 = 0, so m_1 = g_1)
     w <- w - lr * m
 
-Biases and normalisation parameters get neither the decay nor the trust ratio (the official
-code's ``exclude_bias_from_adaption``); ``excluded_from_decay_and_adaptation`` is the one place
-that decides which parameters those are, and ``param_groups`` turns that into optimizer groups.
+Biases, normalisation parameters, other 1-D parameters and transformer tokens get neither the
+decay nor the trust ratio (the official code's ``exclude_bias_from_adaption``, timm's rule);
+``excluded_from_decay_and_adaptation`` is the one place that decides which parameters those are,
+and ``param_groups`` turns that into optimizer groups.
 """
 from __future__ import annotations
 
@@ -32,16 +33,38 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
 )
 
 
+# Token and position parameters of vision transformers: multi-dimensional, yet neither decayed nor
+# adapted (timm's ``no_weight_decay()`` convention; torchvision's ViT and Swin names too).
+TOKEN_PARAMS = frozenset({"pos_embed", "pos_embedding", "cls_token", "class_token", "dist_token", "reg_token",
+                          "absolute_pos_embed", "relative_position_bias_table", "pos_embed_window"})
+
+
+def _no_weight_decay_of(module: nn.Module) -> set[str]:
+    """The names a timm model declares through ``no_weight_decay()`` (relative to it), or none."""
+    nwd = getattr(module, "no_weight_decay", None)
+    if not callable(nwd):
+        return set()
+    try:
+        return {str(n) for n in nwd()}
+    except Exception:  # a module's own method with another meaning: ignore it
+        return set()
+
+
 def excluded_from_decay_and_adaptation(model: nn.Module) -> set[str]:
     """Names of the parameters that LARS leaves alone (docs/method.md §4).
 
-    Every bias (a parameter whose own name is ``"bias"``) and every parameter of a
-    normalisation layer (``NORM_LAYERS``) gets neither weight decay nor the LARS trust ratio, as in
-    the official code. Why: these tensors are small, one value per channel, and the network is not
-    invariant to their scale the way it is (through the following normalisation) to a conv
-    weight's. Decaying them pulls the BN scale towards 0 and shrinks activations for no benefit,
-    and the trust ratio eta * ||w|| / ||g|| of a zero-initialised bias is tiny or undefined, which
-    would freeze them.
+    Excluded: every parameter of a normalisation layer (``NORM_LAYERS``: BatchNorm and
+    SyncBatchNorm, LayerNorm, GroupNorm, RMSNorm, our Affine, and their subclasses such as timm's
+    BatchNormAct2d, LayerNorm2d, GroupNormAct), every bias (a parameter whose own name is
+    ``"bias"``), every other parameter with at most one dimension (per-channel scales such as
+    timm's layer-scale gamma or RmsNorm weight), and the tokens and position embeddings of
+    vision transformers (``TOKEN_PARAMS`` and what a timm model's ``no_weight_decay()`` names):
+    neither weight decay nor the LARS trust ratio, as in the official code for biases and BN.
+    Why: these tensors are small, one value per channel, and the network is not invariant to
+    their scale the way it is (through the following normalisation) to a conv weight's. Decaying
+    them pulls the norm scale towards 0 and shrinks activations for no benefit, and the trust
+    ratio eta * ||w|| / ||g|| of a zero-initialised bias (or token) is tiny or undefined, which
+    would freeze them. Conv and Linear weights (>= 2-D) are decayed and adapted in every family.
 
     Returns qualified names exactly as ``model.named_parameters()`` yields them (so a parameter
     shared between modules appears once, under its first name).
@@ -50,8 +73,13 @@ def excluded_from_decay_and_adaptation(model: nn.Module) -> set[str]:
     for module in model.modules():
         is_norm = isinstance(module, NORM_LAYERS)
         for own_name, param in module.named_parameters(recurse=False):
-            if is_norm or own_name == "bias":
+            if is_norm or own_name == "bias" or param.dim() <= 1 or own_name in TOKEN_PARAMS:
                 excluded_ids.add(id(param))
+        declared = _no_weight_decay_of(module)
+        if declared:
+            for name, param in module.named_parameters():
+                if name in declared or name.rpartition(".")[2] in declared:
+                    excluded_ids.add(id(param))
     # Map back through named_parameters() so the names match what callers iterate over.
     return {name for name, p in model.named_parameters() if id(p) in excluded_ids}
 

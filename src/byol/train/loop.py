@@ -41,10 +41,12 @@ class LoopEnd:
 
 class Plan:
     """How long the run is and the schedules over it: lr and tau as pure functions of the step
-    (docs/method.md §1, §4)."""
+    (docs/method.md §1, §4). A step is an optimizer step: with optim.accumulate_steps=N each one
+    takes the global batch in N micro-batches (train/step.py), and the schedules are those of N=1."""
 
     def __init__(self, cfg: Config, n_images: int) -> None:
         self.batch = cfg.optim.batch_size
+        self.accumulate = cfg.optim.accumulate_steps
         self.steps_per_epoch = n_images // self.batch
         self.total = cfg.optim.epochs * self.steps_per_epoch
         self.stop_at = min(self.total, cfg.train.max_steps or self.total)
@@ -108,8 +110,8 @@ def train_loop(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path,
         with StopFlag() as stop:
             for v1, v2, labels in _batches(batches, state, plan):
                 lr, tau = plan.lr(state.step), plan.tau(state.step)
-                stats, outputs = train_step(model, state.optimizer, v1, v2, lr=lr, tau=tau,
-                                            precision=rt.precision, skip_nonfinite=skip)
+                stats, outputs = train_step(model, state.optimizer, v1, v2, lr=lr, tau=tau, precision=rt.precision,
+                                            skip_nonfinite=skip, accumulate_steps=plan.accumulate)
                 state.step += 1
                 skipped = _watch(stats, state, guard, skip, end, log)
                 if end.diverged is not None:

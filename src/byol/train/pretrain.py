@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from byol import distributed
-from byol.config import Config, config_to_dict, replace, save_config
+from byol.config import Config, ConfigError, config_to_dict, replace, save_config
 from byol.data.errors import DataError
 from byol.data.folder import write_skipped
 from byol.data.pretrain import build_pretrain_data
@@ -64,11 +64,13 @@ class PretrainResult:
 def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol") -> PretrainResult:
     """Train ``cfg`` from scratch, or continue the run directory ``resume``."""
     rt = start_runtime(cfg, default_workers)
+    _check_micro_batches(cfg, rt.world)
     if cfg.data.path and resume is None:  # the run must find its data from any directory later
         cfg = replace(cfg, data={"path": str(Path(cfg.data.path).expanduser().resolve())})
     torch.manual_seed(cfg.train.seed)
     data = build_pretrain_data(cfg)
-    model, optimizer = build_model_and_optimizer(cfg, rt.device, data if resume is None else None)
+    model, optimizer = build_model_and_optimizer(cfg, rt.device, data if resume is None else None,
+                                                 init=resume is None)
     state = TrainState(model, optimizer, config=config_to_dict(cfg), n_train=len(data.views),
                        probe=make_probe(cfg, data, model.feature_dim, rt.device))
     result = PretrainResult(Path(resume or cfg.train.out_dir), 0, finished=False, skipped=data.skipped)
@@ -91,6 +93,20 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         raise CheckpointWriteError(f"cannot write in {result.run_dir}: {e.strerror}; the checkpoints in "
                                    f"{result.run_dir / CHECKPOINT_DIR} are intact", e.errno) from None
     return result
+
+
+def _check_micro_batches(cfg: Config, world: int) -> None:
+    """Each rank's batch (optim.batch_size / processes) splits into optim.accumulate_steps
+    micro-batches (of two samples at least with batch norm, which normalises each micro-batch by
+    its own statistics), or the run stops before it starts with one line naming the keys."""
+    per_rank, n = cfg.optim.batch_size // world, cfg.optim.accumulate_steps
+    if per_rank % n:
+        raise ConfigError(f"config: optim.batch_size={cfg.optim.batch_size} over {world} processes is "
+                          f"{per_rank} per process, not a multiple of optim.accumulate_steps={n}")
+    m = cfg.model
+    if per_rank // n < 2 and "bn" in (m.backbone_norm, m.head_norm, m.predictor_norm or m.head_norm):
+        raise ConfigError(f"config: optim.batch_size={cfg.optim.batch_size} over {world} processes in "
+                          f"optim.accumulate_steps={n} micro-batches is 1 image each: batch norm needs two")
 
 
 def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, result: PretrainResult,

@@ -6,18 +6,25 @@ import torch
 
 from byol.config import Config
 from byol.data.pipeline import memory_format_of
-from byol.models.build import bn_free_init, build_model
+from byol.models.build import bn_free_init, build_model, init_encoders
+from byol.models.named import is_convolutional
 from byol.optim import build_optimizer
 from byol.train.calibrate import calibration_batch
 
 
-def build_model_and_optimizer(cfg: Config, device: torch.device, data=None):
-    """The BYOL model on ``device`` in the configured memory format, and its optimizer (lr set
-    per step by the schedule). Draws the initial weights from the global RNG. With ``data`` and
-    ``model.bn_free_init``: the data-dependent init, on a batch of it."""
-    memory_format = memory_format_of(cfg)
+def build_model_and_optimizer(cfg: Config, device: torch.device, data=None, *, init: bool = True):
+    """The BYOL model on ``device`` in the configured memory format (contiguous for vision
+    transformers), with ``model.init`` loaded into its encoders, and its optimizer (lr set per
+    step by the schedule). Draws the initial weights from the global RNG. With ``data`` and
+    ``model.bn_free_init``: the data-dependent init, on a batch of it. ``init=False`` (a resume,
+    whose checkpoint holds the weights) does not read ``model.init``."""
+    # NHWC helps convolutions only: a vision transformer's weights stay contiguous
+    memory_format = memory_format_of(cfg) if is_convolutional(cfg.model.backbone) else torch.contiguous_format
     calibrate = data is not None and cfg.model.bn_free_init
-    model = build_model(cfg, keep_bn=calibrate).to(device, memory_format=memory_format)
+    model = build_model(cfg, keep_bn=calibrate)
+    if init:
+        model = init_encoders(model, cfg)  # model.init: online and target
+    model = model.to(device, memory_format=memory_format)
     if calibrate:
         bn_free_init(model, calibration_batch(cfg, data, device, memory_format), cfg.model.bn_free_heads)
     optimizer = build_optimizer(

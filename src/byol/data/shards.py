@@ -1,0 +1,304 @@
+"""WebDataset-style tar shards as a map-style dataset, read with the standard library's ``tarfile``.
+
+``data.path`` names shards when it is a brace pattern (``shards/train-{000000..000099}.tar``),
+one ``.tar`` file, or a folder holding ``.tar`` files directly (``byol shard`` writes one, with a
+``manifest.json``). A sample is the members of one tar that share a key (the member name up to
+the first dot of its base name): ``KEY.jpg`` (or .jpeg/.png/.bmp/.webp/.tif/.tiff) and, when
+labelled, ``KEY.cls`` (the class index as text); the manifest beside the shards names the classes.
+
+Opening reads the tar headers only (and the few bytes of each ``.cls``), then every image is one
+seek and one read of its bytes: a map-style dataset, so the sampler, the per-sample seeded views,
+the held-out split and the exact resume of the folder path apply unchanged. What streaming
+buys -- reading shards mostly sequentially -- comes from the order (``shard_order``): per epoch a
+seeded permutation of the shards, streamed through a seeded bounded shuffle buffer, so the
+samples a stretch of steps reads come from a few shards only (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import tarfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torchvision.io
+
+from byol.data.decode import _TAIL_BYTES, _TORCHVISION_KINDS, _decode_pil, _to_rgb_uint8
+from byol.data.errors import DataError
+from byol.data.folder import _limit_indices, _validate_args
+from byol.data.headers import DEFAULT_MAX_PIXELS, PIL_ERRORS, pil_why, pixel_limit_reason, read_header_from
+from byol.data.scan import IMAGE_EXTENSIONS
+from byol.data.seeded import SeededSamples
+
+MANIFEST = "manifest.json"
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_OPEN_SHARDS = 8  # file handles a process keeps open (the order touches a few shards at a time)
+
+
+def is_shard_path(path: str | os.PathLike) -> bool:
+    """Whether ``data.path`` names tar shards (a brace pattern, a ``.tar``, a folder of ``.tar``)."""
+    text = str(path)
+    if _BRACE.search(text) or text.endswith(".tar"):
+        return True
+    p = Path(text)
+    return p.is_dir() and ((p / MANIFEST).is_file() or any(p.glob("*.tar")))
+
+
+def expand_shards(path: str | os.PathLike) -> list[Path]:
+    """The shard files ``path`` names, in order; DataError naming the first missing one."""
+    text = str(path)
+    m = _BRACE.search(text)
+    if m:
+        lo, hi = m.group(1), m.group(2)
+        if int(hi) < int(lo):
+            raise DataError(f"data.path: empty shard range {{{lo}..{hi}}} in {text}")
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        files = [Path(text[:m.start()] + f"{k:0{width}d}" + text[m.end():]) for k in range(int(lo), int(hi) + 1)]
+    elif Path(text).is_dir():
+        files = sorted(Path(text).glob("*.tar"))
+        if not files:
+            raise DataError(f"data.path: no .tar shards in folder {text}")
+    else:
+        files = [Path(text)]
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"data.path: shard not found: {f}")
+    return files
+
+
+def read_manifest(folder: Path) -> dict | None:
+    import json
+
+    p = folder / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.path: cannot read shard manifest {p}: {e}") from None
+
+
+def check_bytes(data: bytes) -> str | None:
+    """``check_file`` on an image's bytes: None when they look like a whole image, else why."""
+    if not data:
+        return "empty file"
+    if data.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in data[-_TAIL_BYTES:]:
+        return "truncated JPEG (no end-of-image marker)"
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" not in data[-_TAIL_BYTES:]:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An image file's bytes -> uint8 RGB [3, H, W], as ``decode_image`` decodes a file (header and
+    pixel limit first, torchvision.io then PIL); DataError with the reason."""
+    reason = check_bytes(data)
+    if reason is not None:
+        raise DataError(reason)
+    f = io.BytesIO(data)
+    header = read_header_from(f, max_pixels)
+    reason = pixel_limit_reason(header, max_pixels)
+    if reason is not None:
+        raise DataError(reason)
+    if header.kind in _TORCHVISION_KINDS and not header.needs_pil:
+        try:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return _to_rgb_uint8(torchvision.io.decode_image(
+                buf, mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True))
+        except (RuntimeError, ValueError, OSError):
+            pass
+    try:
+        return _decode_pil(f, max_pixels)
+    except PIL_ERRORS as e:
+        raise DataError(pil_why(e)) from None
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's key and extension of a member name: ``a/b.c.jpg`` -> (``a/b``, ``c.jpg``)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """The images of tar shards as ``(uint8 [3, H, W], label)``; label -1 when unlabelled.
+
+    ``labels`` (None unless every sample has a ``.cls``), ``classes`` (from the manifest, else
+    ``"0".."C-1"``), ``shard_of[i]`` (the shard index of sample i), ``skipped`` (``(shard:member,
+    reason)``) as ``ImageFolderDataset`` has them. Bad samples follow ``bad_files``: found at
+    opening (no image member, a ``.cls`` that is not an integer, an unreadable tar; with
+    ``verify="full"`` every image is decoded too) or at loading (an image that does not decode:
+    skip takes the next decodable sample, recorded in that process's ``skipped``); ``"fail"``
+    raises DataError naming shard and member.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, bad_files: str = "skip", verify: str = "quick",
+                 limit: int | None = None, seed: int = 0,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        _validate_args(bad_files, verify, limit, max_pixels)
+        self.path, self.bad_files, self.max_pixels = str(path), bad_files, max_pixels
+        self.shards = expand_shards(path)
+        self.skipped: list[tuple[str, str]] = []
+        self._files: dict[int, object] = {}  # shard -> open file, per process
+        self._pid = os.getpid()
+        self._bad_at_load: set[int] = set()
+        manifest = read_manifest(self.shards[0].parent)
+        samples: list[tuple[int, str, int, int]] = []  # (shard, member, offset, size)
+        cls: list[int | None] = []
+        indexed = {e.get("name"): e for e in (manifest or {}).get("shards", []) if isinstance(e, dict)}
+        for s, shard in enumerate(self.shards):
+            for member, offset, size, label in self._index(shard, indexed.get(shard.name)):
+                samples.append((s, member, offset, size))
+                cls.append(label)
+        keep = _limit_indices(len(samples), limit, seed)
+        samples, cls = [samples[i] for i in keep], [cls[i] for i in keep]
+        if verify == "full":
+            good = [i for i, smp in enumerate(samples) if self._full_check(smp)]
+            samples, cls = [samples[i] for i in good], [cls[i] for i in good]
+        if not samples:
+            raise DataError(f"data.path: no usable images in the shards {self.path}"
+                            f" ({len(self.skipped)} samples skipped as bad)")
+        self.samples = samples
+        self.shard_of = [smp[0] for smp in samples]
+        labelled = all(c is not None for c in cls)
+        self.labels: list[int] | None = [int(c) for c in cls] if labelled else None
+        names = list((manifest or {}).get("classes") or [])
+        if labelled and not names:
+            names = [str(c) for c in range(max(self.labels) + 1)]
+        self.classes: list[str] = names if labelled else []
+
+    def _record_bad(self, where: str, reason: str) -> None:
+        if self.bad_files == "fail":
+            raise DataError(f"bad sample {where}: {reason} (set data.bad_files=skip to skip such samples)")
+        self.skipped.append((where, reason))
+
+    def _index(self, shard: Path, entry: dict | None) -> list[tuple[str, int, int, int | None]]:
+        """(image member, data offset, size, label or None) of each sample of ``shard``, in order:
+        from its manifest ``entry`` when that describes a file of this size, else from the tar."""
+        index = (entry or {}).get("index")
+        if index and entry.get("bytes") == shard.stat().st_size:
+            labels = index["labels"] or [None] * len(index["names"])
+            return list(zip(index["names"], index["offsets"], index["sizes"], labels))
+        groups: dict[str, dict[str, tuple[int, int, str]]] = defaultdict(dict)
+        texts: dict[str, str] = {}  # key -> its .cls text
+        order: list[str] = []
+        try:
+            with tarfile.open(shard, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_key(m.name)
+                    if key not in groups:
+                        order.append(key)
+                    groups[key][ext] = (m.offset_data, m.size, m.name)
+                    if ext == "cls":
+                        texts[key] = tf.extractfile(m).read().decode("utf-8", "replace")
+        except (tarfile.TarError, OSError, EOFError) as e:  # keep what was read before the damage
+            self._record_bad(str(shard), f"unreadable tar: {e}")
+        out = []
+        for key in order:
+            g = groups[key]
+            image = next((e for e in g if f".{e}" in IMAGE_EXTENSIONS), None)
+            if image is None:
+                self._record_bad(f"{shard}:{key}", f"no image member (has {', '.join(sorted(g))})")
+                continue
+            offset, size, name = g[image]
+            label = None
+            if key in texts:
+                text = texts[key].strip()
+                if not re.fullmatch(r"\d+", text):
+                    self._record_bad(f"{shard}:{key}.cls", f"label is not a non-negative integer: {text[:20]!r}")
+                    continue
+                label = int(text)
+            out.append((name, offset, size, label))
+        return out
+
+    def _full_check(self, sample: tuple[int, str, int, int]) -> bool:
+        try:
+            decode_bytes(self._read(sample), self.max_pixels)
+        except DataError as e:
+            self._record_bad(f"{self.shards[sample[0]]}:{sample[1]}", str(e))
+            return False
+        return True
+
+    def __getstate__(self) -> dict:  # worker processes open their own files
+        return {**self.__dict__, "_files": {}}
+
+    def _read(self, sample: tuple[int, str, int, int]) -> bytes:
+        s, _, offset, size = sample
+        if self._pid != os.getpid():  # forked: never share a file position with the parent
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.pop(s, None)
+        if f is None:
+            if len(self._files) >= _OPEN_SHARDS:
+                self._files.pop(next(iter(self._files))).close()
+            f = open(self.shards[s], "rb")  # noqa: SIM115 (kept open between reads)
+        self._files[s] = f  # most recently used last
+        f.seek(offset)
+        return f.read(size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        n = len(self.samples)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        i %= n
+        for j in ((i + k) % n for k in range(n)):  # deterministic fallback, as the folder's
+            if j in self._bad_at_load:
+                continue
+            sample = self.samples[j]
+            try:
+                img = decode_bytes(self._read(sample), self.max_pixels)
+            except DataError as e:
+                self._bad_at_load.add(j)
+                self._record_bad(f"{self.shards[sample[0]]}:{sample[1]}", str(e))
+                continue
+            return img, (self.labels[j] if self.labels is not None else -1)
+        raise DataError(f"data.path: no image in the shards {self.path} could be decoded")
+
+
+def shard_order(shard_of: Sequence[int], seed: int, epoch: int, buffer: int) -> list[int]:
+    """The epoch's order of ``range(len(shard_of))`` (sample j lies in shard ``shard_of[j]``): the
+    shards in a permutation seeded by (seed, epoch), their samples in file order streamed through a
+    shuffle buffer of ``buffer`` samples drawing from the same generator. A function of (seed,
+    epoch) only, so a resume at position p of an epoch continues at its p-th sample."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    by_shard: dict[int, list[int]] = defaultdict(list)
+    for j, s in enumerate(shard_of):
+        by_shard[s].append(j)
+    shards = sorted(by_shard)
+    rng.shuffle(shards)
+    out: list[int] = []
+    buf: list[int] = []
+    for s in shards:
+        for j in by_shard[s]:
+            if len(buf) < buffer:
+                buf.append(j)
+                continue
+            k = rng.randrange(buffer)
+            out.append(buf[k])
+            buf[k] = j
+    rng.shuffle(buf)
+    out.extend(buf)
+    return out
+
+
+class ShardSamples(SeededSamples):
+    """``SeededSamples`` whose sampler order is ``shard_order`` (``ResumableSampler`` asks
+    ``order(epoch)``): (epoch, i) -> the seeded views of sample i; ``shard_of[i]`` its shard."""
+
+    def __init__(self, base, seed: int, shard_of: Sequence[int], buffer: int) -> None:
+        super().__init__(base, seed)
+        self.shard_of, self.buffer = list(shard_of), buffer
+        self._order: tuple[int, list[int]] | None = None  # the last epoch's, asked for more than once
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, shard_order(self.shard_of, self.seed, epoch, self.buffer))
+        return self._order[1]
