@@ -14,6 +14,7 @@ grayscale, palette and 1-bit images become RGB.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import BinaryIO
 
@@ -131,12 +132,42 @@ def _decode_pil(f: BinaryIO, max_pixels: int | None) -> torch.Tensor:
 
 def _decode_torchvision(f: BinaryIO) -> torch.Tensor:
     f.seek(0)
-    data = bytearray(os.fstat(f.fileno()).st_size)
-    n = f.readinto(data)
-    buf = torch.frombuffer(data, dtype=torch.uint8)[:n]
+    if isinstance(f, io.BytesIO):  # the bytes of a tar member (data/shards.py)
+        buf = torch.frombuffer(bytearray(f.getbuffer()), dtype=torch.uint8)
+    else:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        n = f.readinto(data)
+        buf = torch.frombuffer(data, dtype=torch.uint8)[:n]
     img = torchvision.io.decode_image(buf, mode=torchvision.io.ImageReadMode.RGB,
                                       apply_exif_orientation=True)
     return _to_rgb_uint8(img)
+
+
+def _decode_stream(f: BinaryIO, max_pixels: int | None, errors: list[str]) -> torch.Tensor:
+    """An open image (a file, or a tar member's bytes) -> uint8 RGB [3, H, W]: the header and the
+    pixel limit first, then torchvision.io (JPEG/PNG/WEBP) and PIL (BMP/TIFF, and whenever
+    torchvision.io raises). Each decoder's failure is appended to ``errors``; DataError when the
+    limit refuses the image or both decoders fail."""
+    header = read_header_from(f, max_pixels)
+    reason = pixel_limit_reason(header, max_pixels)
+    if reason is not None:
+        raise DataError(reason)
+    if header.kind in _TORCHVISION_KINDS and not header.needs_pil:
+        try:
+            return _decode_torchvision(f)
+        except (RuntimeError, ValueError, OSError) as e:
+            errors.append(str(e).strip() or type(e).__name__)
+    try:
+        return _decode_pil(f, max_pixels)
+    except PIL_ERRORS as e:
+        errors.append(pil_why(e))
+    raise DataError(errors[-1])
+
+
+def decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An image file's bytes (a tar member) -> uint8 RGB [3, H, W], decoded as ``decode_image``
+    decodes a file; DataError with the reason."""
+    return _decode_stream(io.BytesIO(data), max_pixels, [])
 
 
 def decode_image(path: str | os.PathLike,
@@ -151,21 +182,10 @@ def decode_image(path: str | os.PathLike,
     errors: list[str] = []
     try:
         with open_regular(path) as f:
-            header = read_header_from(f, max_pixels)
-            reason = pixel_limit_reason(header, max_pixels)
-            if reason is not None:
-                raise DataError(reason)
-            if header.kind in _TORCHVISION_KINDS and not header.needs_pil:
-                try:
-                    return _decode_torchvision(f)
-                except (RuntimeError, ValueError, OSError) as e:
-                    errors.append(str(e).strip() or type(e).__name__)
-            try:
-                return _decode_pil(f, max_pixels)
-            except PIL_ERRORS as e:
-                errors.append(pil_why(e))
+            return _decode_stream(f, max_pixels, errors)
     except DataError as e:
-        errors.append(str(e))
+        if not errors or errors[-1] != str(e):
+            errors.append(str(e))
     except OSError as e:
         errors.append(os_reason(e))
     raise DataError(f"cannot decode image {path}: {errors[-1]}")

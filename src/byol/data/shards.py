@@ -15,7 +15,6 @@ samples a stretch of steps reads come from a few shards only (docs/architecture.
 """
 from __future__ import annotations
 
-import io
 import os
 import random
 import re
@@ -25,12 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torchvision.io
 
-from byol.data.decode import _TAIL_BYTES, _TORCHVISION_KINDS, _decode_pil, _to_rgb_uint8
+from byol.data.decode import _TAIL_BYTES
+from byol.data.decode import decode_bytes as _decode_bytes
 from byol.data.errors import DataError
 from byol.data.folder import _limit_indices, _validate_args
-from byol.data.headers import DEFAULT_MAX_PIXELS, PIL_ERRORS, pil_why, pixel_limit_reason, read_header_from
+from byol.data.headers import DEFAULT_MAX_PIXELS
 from byol.data.scan import IMAGE_EXTENSIONS
 from byol.data.seeded import SeededSamples
 
@@ -94,27 +93,12 @@ def check_bytes(data: bytes) -> str | None:
 
 
 def decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """An image file's bytes -> uint8 RGB [3, H, W], as ``decode_image`` decodes a file (header and
-    pixel limit first, torchvision.io then PIL); DataError with the reason."""
+    """A tar member's bytes -> uint8 RGB [3, H, W]: ``check_bytes``, then decoded as a file is
+    (``data.decode.decode_bytes``); DataError with the reason."""
     reason = check_bytes(data)
     if reason is not None:
         raise DataError(reason)
-    f = io.BytesIO(data)
-    header = read_header_from(f, max_pixels)
-    reason = pixel_limit_reason(header, max_pixels)
-    if reason is not None:
-        raise DataError(reason)
-    if header.kind in _TORCHVISION_KINDS and not header.needs_pil:
-        try:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return _to_rgb_uint8(torchvision.io.decode_image(
-                buf, mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True))
-        except (RuntimeError, ValueError, OSError):
-            pass
-    try:
-        return _decode_pil(f, max_pixels)
-    except PIL_ERRORS as e:
-        raise DataError(pil_why(e)) from None
+    return _decode_bytes(data, max_pixels)
 
 
 def _split_key(name: str) -> tuple[str, str]:

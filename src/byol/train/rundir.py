@@ -118,13 +118,20 @@ def start_summary(cfg, data, model, device, precision, workers, run_dir, step) -
     steps = n_train // cfg.optim.batch_size
     params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
     m = cfg.model
+    named = "/" in m.backbone  # torchvision/NAME or timm/NAME: width and stem are our ResNets' options
+    shape = "" if named else f" x{m.width:g}{' (CIFAR stem)' if m.cifar_stem else ''}"
+    extras = [f"padding={m.padding}"] if m.padding != "symmetric" else []
+    extras += [f"init from {m.init}"] if m.init else []
+    accumulate = cfg.optim.accumulate_steps
+    micro = f" ({accumulate} micro-batches of {cfg.optim.batch_size // accumulate})" if accumulate > 1 else ""
     start = f"resuming at step {step}" if step else "starting"
     return (
         f"{start}: {run_dir}\n"
         f"  data:   {n_train} training images{held}\n"
-        f"  model:  {m.backbone} x{m.width:g}{' (CIFAR stem)' if m.cifar_stem else ''}, "
-        f"{params:.2f}M encoder parameters\n"
-        f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}, {steps} steps/epoch x "
+        f"  model:  {m.backbone}{shape}, {params:.2f}M encoder parameters"
+        f"{''.join(', ' + e for e in extras)}\n"
+        f"  augment: {cfg.augment.semantics} semantics, {cfg.augment.backend} backend, {cfg.augment.size} px\n"
+        f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}{micro}, {steps} steps/epoch x "
         f"{cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps, peak lr "
         f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base}"
         f"{' (constant)' if cfg.method.tau_schedule == 'constant' else ' -> 1'}\n"
