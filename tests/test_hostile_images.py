@@ -2,6 +2,7 @@
 and folders the scan must survive (broken links, link loops, named pipes, unreadable folders)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -176,7 +177,7 @@ def test_bomb_is_refused_from_its_header_before_any_decoder(tmp_path, monkeypatc
     assert check_file(bomb, max_pixels=10_000_000) is None
     img = decode_image(bomb, max_pixels=None)
     assert img.shape == (3, 2000, 5000) and int(img.max()) == 0
-    assert spy.torchvision == [(3, 2000, 5000)]
+    assert spy.torchvision == [] and (5000, 2000) in spy.pil  # PNG: PIL's decoder (see decode.py)
 
 
 @pytest.mark.parametrize("verify", ["quick", "full"])
@@ -199,8 +200,9 @@ def test_bombs_are_skipped_and_listed_with_the_reason(tmp_path, monkeypatch, ver
     assert lower.labels == [0, 0, 0] and lower.classes == ["a", "b"]
     for i in range(len(lower)):
         assert lower[i][0].shape == (3, 5, 6)
-    # Only the small images were ever decoded (the "full" check decodes each file once more).
-    assert set(spy.torchvision) == {(3, 5, 6)} and spy.pil == []
+    # Only the small images were ever decoded (the "full" check decodes each file once more);
+    # PNGs by PIL (see decode.py)
+    assert spy.torchvision == [] and set(spy.pil) == {(6, 5)}
     out = tmp_path / "skipped_files.tsv"
     write_skipped(lower.skipped, out)
     assert f"{big}\t20000 x 15000 = 300000000 pixels exceeds data.max_pixels=1000000" in (
@@ -704,3 +706,27 @@ def test_no_pil_plugin_outside_the_scanned_formats_ever_opens_a_file(tmp_path, m
     ds = ImageFolderDataset(tmp_path, verify="full")  # no magic-byte filter up front
     assert ds.skipped and ds.skipped[0][0].endswith("poster.jpg")
     assert opened == []
+
+
+def test_a_png_with_damaged_compressed_data_is_skipped_not_a_crash(tmp_path):
+    """A PNG whose IDAT holds garbage (with a valid CRC, as a crafted file would) passes the quick
+    check (its IEND is there). torchvision 0.29's PNG decoder kills the process on it (SIGSEGV);
+    ours must not. Run in a child process, so that a crash fails this
+    test instead of the whole session."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    i = data.find(b"IDAT")
+    n = int.from_bytes(data[i - 4:i], "big")
+    data[i + 4:i + 4 + n] = b"\xff" * n
+    data[i + 4 + n:i + 8 + n] = zlib.crc32(bytes(data[i:i + 4 + n])).to_bytes(4, "big")
+    path = tmp_path / "damaged.png"
+    path.write_bytes(bytes(data))
+    code = ("from byol.data.decode import decode_image\nfrom byol.data.errors import DataError\n"
+            f"try:\n    print('decoded', tuple(decode_image({str(path)!r}).shape))\n"
+            "except DataError as e:\n    print('DataError:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]  # -11 with torchvision's PNG decoder
+    # PIL either refuses it (a DataError naming the file) or decodes what it can: never a crash
+    out = proc.stdout.strip()
+    assert out == "decoded (3, 40, 40)" or (out.startswith("DataError:") and "damaged.png" in out), out

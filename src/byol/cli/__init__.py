@@ -7,6 +7,7 @@
     byol export runs/NAME --out encoder.safetensors        # then byol.load_encoder(...)
     byol import-official pretrain_res50x1.pkl --out res50x1.safetensors   # DeepMind's released weights
     byol embed encoder.safetensors /imgs --out emb.npy
+    byol neighbors runs/NAME /imgs --out neighbors.png   # also: byol map runs/NAME /imgs --out map.png
     byol report runs/NAME
     byol shard /imgs --out /shards                         # tar shards: data.path='/shards/train-{000000..000009}.tar'
     torchrun --nproc-per-node 8 -m byol pretrain --config imagenet_resnet50_300ep data.path=/imgs
@@ -26,6 +27,7 @@ import sys
 from byol.cli.data import add_data_parsers
 from byol.cli.encoder import add_encoder_parsers
 from byol.cli.evaluate import add_eval_parsers
+from byol.cli.look import add_look_parsers
 from byol.cli.report import add_report_parsers
 from byol.cli.sweep import add_sweep_parsers
 from byol.cli.train import add_train_parsers
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)  # the order of `byol --help`
     add_eval_parsers(sub)
     add_encoder_parsers(sub)
+    add_look_parsers(sub)
     add_report_parsers(sub)
     add_sweep_parsers(sub)
     add_data_parsers(sub)

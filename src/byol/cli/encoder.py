@@ -54,7 +54,8 @@ def cmd_embed(args) -> int:
     from byol.embed import embed_folder
 
     out = embed_folder(args.encoder, args.images, args.out, batch_size=args.batch_size,
-                       device=args.device, workers=args.workers, progress=not args.no_progress)
+                       device=args.device, workers=args.workers, progress=not args.no_progress,
+                       resume=not args.no_resume)
     print(f"embedded {out['n']} images: [{out['n']}, {out['dim']}] float32")
     print(f"features: {out['out']}\nfiles: {out['files']}")
     if out["labels"]:
@@ -101,7 +102,9 @@ def add_encoder_parsers(sub) -> None:
     e = sub.add_parser("embed", help="features of every image in a folder -> .npy",
                        epilog=EXAMPLES["embed"], formatter_class=FMT,
                        description="Representations y of every image under IMAGES (recursive), in "
-                                   "batches, as float32 [N, D]; FILE.files.txt lists the images in row order.")
+                                   "batches, as float32 [N, D]; FILE.files.txt lists the images in row order. "
+                                   "Rows are written as they come (FILE.npy.partial + FILE.npy.progress.json); "
+                                   "a stopped run, called again, resumes where it stopped.")
     e.add_argument("encoder", metavar="ENCODER", help="exported .safetensors, or a run dir / checkpoint")
     e.add_argument("images", metavar="IMAGES", help="folder of images (searched recursively)")
     e.add_argument("--out", required=True, metavar="FILE.npy")
@@ -109,4 +112,6 @@ def add_encoder_parsers(sub) -> None:
     e.add_argument("--device", default="auto")
     e.add_argument("--workers", type=int, default=None)
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-resume", action="store_true",
+                   help="start over even if FILE.npy.partial holds a stopped run of the same command")
     e.set_defaults(func=cmd_embed)

@@ -8,6 +8,7 @@ over both. Validation happens at construction (``__post_init__``) and every fail
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,21 @@ def _check(cond: bool, key: str, rule: str, value: Any) -> None:
 
 def _one_of(key: str, value: Any, choices: tuple) -> None:
     _check(value in choices, key, f"one of {', '.join(map(str, choices))}", value)
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_budget(text: str, key: str = "train.budget") -> float:
+    """``"90s"``, ``"10m"``, ``"2h"``, ``"1h30m"`` -> seconds (> 0); else a one-line ConfigError."""
+    match = _DURATION.fullmatch(str(text).strip())
+    if not text or match is None or not any(match.groups()):
+        raise ConfigError(f"config: {key} must be a duration such as 90s, 10m, 2h or 1h30m, got {text!r}")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    seconds = 3600 * h + 60 * m + s
+    if seconds <= 0:
+        raise ConfigError(f"config: {key} must be a duration > 0, got {text!r}")
+    return seconds
 
 
 def _prob(key: str, value: float) -> None:
@@ -275,6 +291,9 @@ class Train:
     checkpoint_every: int = 500  # steps between checkpoints/last.pt updates (and each epoch end)
     keep_every_epochs: int = 0  # also keep checkpoints/epoch_NNNN.pt every N epochs (0: never)
     max_steps: int | None = None  # stop (and checkpoint) at this global step; schedules unchanged
+    # a time budget (90s, 10m, 2h, 1h30m) fixing the total steps from the measured rate; optim.epochs
+    # is then ignored; max_steps still stops early (train/budget.py); null: off
+    budget: str | None = None
     threads: int | None = None  # torch CPU threads; None: torch's default
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with native bf16) | fp32 | bf16
     channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPU and GPU)
@@ -291,6 +310,9 @@ class Train:
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", ">= 1 or null",
                self.max_steps)
         _check(self.threads is None or self.threads >= 1, "train.threads", ">= 1 or null", self.threads)
+        if self.budget is not None:
+
+            parse_budget(self.budget)
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         dev = self.device
         ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())

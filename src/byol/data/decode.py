@@ -39,8 +39,10 @@ from byol.data.headers import (
     read_header_from,
 )
 
-# Formats (by magic bytes) that torchvision.io decodes natively; the others go straight to PIL.
-_TORCHVISION_KINDS = ("jpeg", "png", "webp")
+# Formats (by magic bytes) that torchvision.io decodes; the others go straight to PIL. Not PNG:
+# torchvision 0.29's PNG decoder crashes the process (SIGSEGV, from libpng's error exit) on a PNG
+# whose compressed data is damaged, where PIL raises (tests/test_hostile_images.py).
+_TORCHVISION_KINDS = ("jpeg", "webp")
 # A JPEG or PNG may carry a little padding after its end marker; look this far back for it.
 _TAIL_BYTES = 1024
 _ORIENTATION = 0x0112  # the EXIF orientation tag
@@ -145,7 +147,7 @@ def _decode_torchvision(f: BinaryIO) -> torch.Tensor:
 
 def _decode_stream(f: BinaryIO, max_pixels: int | None, errors: list[str]) -> torch.Tensor:
     """An open image (a file, or a tar member's bytes) -> uint8 RGB [3, H, W]: the header and the
-    pixel limit first, then torchvision.io (JPEG/PNG/WEBP) and PIL (BMP/TIFF, and whenever
+    pixel limit first, then torchvision.io (JPEG/WEBP) and PIL (PNG/BMP/TIFF, and whenever
     torchvision.io raises). Each decoder's failure is appended to ``errors``; DataError when the
     limit refuses the image or both decoders fail."""
     header = read_header_from(f, max_pixels)
@@ -175,8 +177,8 @@ def decode_image(path: str | os.PathLike,
     """Decode an image file to a uint8 RGB tensor [3, H, W], upright (EXIF orientation applied).
 
     The header is read first and an image of more than ``max_pixels`` pixels (None: no limit)
-    is refused before either decoder sees it. torchvision.io for JPEG/PNG/WEBP (the fast path);
-    PIL for BMP/TIFF and whenever torchvision.io raises. Raises DataError naming the file when
+    is refused before either decoder sees it. torchvision.io for JPEG/WEBP (the fast path);
+    PIL for PNG/BMP/TIFF and whenever torchvision.io raises. Raises DataError naming the file when
     the file cannot be used or both decoders fail.
     """
     errors: list[str] = []

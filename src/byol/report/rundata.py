@@ -85,8 +85,11 @@ class RunData:
 
     @property
     def steps_per_epoch(self) -> float | None:
-        """From summary.json's total_steps and optim.epochs, else from a monitor row (logged at
-        the end of an epoch, so its step is epoch x steps_per_epoch)."""
+        """From summary.json (its steps_per_epoch; in runs written before it, total_steps over
+        optim.epochs, which a time budget would get wrong), else from a monitor row (logged at the
+        end of an epoch, so its step is epoch x steps_per_epoch)."""
+        if isinstance(self.summary.get("steps_per_epoch"), int) and self.summary["steps_per_epoch"] > 0:
+            return self.summary["steps_per_epoch"]
         epochs = self.cfg("optim", "epochs")
         total = self.summary.get("total_steps")
         if isinstance(total, int) and isinstance(epochs, int) and total > 0 and epochs > 0:

@@ -10,17 +10,20 @@ host sync (and the guard reads its flag there); an evaluation or a checkpoint sy
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from byol import distributed
 from byol.config import Config
 from byol.data.pipeline import TrainBatches
 from byol.optim import constant_tau, cosine_tau, scaled_lr, warmup_cosine_lr
+from byol.train.budget import BudgetMeter, fixed_line, parse_budget
 from byol.train.checkpoint import CHECKPOINT_DIR, CheckpointWriteError, save_checkpoint
 from byol.train.guard import NonFiniteGuard
 from byol.train.monitors import Monitors, progress_postfix, val_row
@@ -29,6 +32,8 @@ from byol.train.runtime import Runtime, StopFlag
 from byol.train.state import TrainState
 from byol.train.step import train_step
 from byol.train.threads import make_governor
+
+now = time.monotonic  # the loop's clock; tests put a fake one here
 
 
 @dataclass
@@ -42,33 +47,48 @@ class LoopEnd:
 class Plan:
     """How long the run is and the schedules over it: lr and tau as pure functions of the step
     (docs/method.md §1, §4). A step is an optimizer step: with optim.accumulate_steps=N each one
-    takes the global batch in N micro-batches (train/step.py), and the schedules are those of N=1."""
+    takes the global batch in N micro-batches (train/step.py), and the schedules are those of N=1.
 
-    def __init__(self, cfg: Config, n_images: int) -> None:
+    The total is optim.epochs x steps per epoch, or under train.budget the ``planned`` total the
+    budget fixed (None until it is measured; train/budget.py states the schedules before that)."""
+
+    def __init__(self, cfg: Config, n_images: int, planned: int | None = None) -> None:
         self.batch = cfg.optim.batch_size
         self.accumulate = cfg.optim.accumulate_steps
         self.steps_per_epoch = n_images // self.batch
-        self.total = cfg.optim.epochs * self.steps_per_epoch
-        self.stop_at = min(self.total, cfg.train.max_steps or self.total)
-        self.warmup = min(self.total, round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.max_steps = cfg.train.max_steps
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.peak = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size)
         self.tau_base = cfg.method.tau_base
         self.tau_fn = cosine_tau if cfg.method.tau_schedule == "cosine" else constant_tau
+        self.fix(planned if cfg.train.budget else cfg.optim.epochs * self.steps_per_epoch)
+
+    def fix(self, total: int | None) -> None:
+        """Lay the schedules over ``total`` steps (None: a budget not measured yet, no end known)."""
+        self.total = total
+        ends = [n for n in (total, self.max_steps) if n is not None]
+        self.stop_at = min(ends) if ends else math.inf
+        self.warmup = self.warmup_steps if total is None else min(total, self.warmup_steps)
+        # the epoch whose end is the schedule's end (its kNN is the final one), -1: none known
+        self.last_epoch = -1 if total is None or not self.steps_per_epoch else -(-total // self.steps_per_epoch)
 
     def lr(self, step: int) -> float:
+        if self.total is None:  # the budget's measuring steps: the warm-up ramp, no total in it
+            return self.peak * min(1.0, step / self.warmup) if self.warmup else self.peak
         return warmup_cosine_lr(step, self.total, self.warmup, self.peak)
 
     def tau(self, step: int) -> float:
-        return self.tau_fn(step, self.total, self.tau_base)
+        return self.tau_base if self.total is None else self.tau_fn(step, self.total, self.tau_base)
 
 
 class Clock:
     """The run's training time (``state.elapsed_s``: data, steps, checkpoints; not evaluations)
     and the images/s of each log interval."""
 
-    def __init__(self, state: TrainState) -> None:
+    def __init__(self, state: TrainState, clock=None) -> None:
         self.state = state
-        self._t = self._t_log = time.time()
+        self.now = clock or now
+        self._t = self._t_log = self.now()
         self._images = 0
 
     def count(self, images: int) -> None:
@@ -76,28 +96,53 @@ class Clock:
 
     def rate(self) -> float:
         """images/s since the previous call; starts the next interval."""
-        now = time.time()
-        rate, self._t_log, self._images = self._images / (now - self._t_log), now, 0
+        t = self.now()
+        rate, self._t_log, self._images = self._images / max(t - self._t_log, 1e-9), t, 0
         return rate
 
     def fold(self) -> None:
         """Add the time since the last fold to state.elapsed_s (before a checkpoint saves it)."""
-        now = time.time()
-        self.state.elapsed_s += now - self._t
-        self._t = now
+        t = self.now()
+        self.state.elapsed_s += t - self._t
+        self._t = t
 
     @contextlib.contextmanager
     def paused(self):
-        t = time.time()
+        t = self.now()
         yield
-        self._t += time.time() - t
-        self._t_log += time.time() - t
+        spent = self.now() - t
+        self._t += spent
+        self._t_log += spent
+
+
+class Budget:
+    """train.budget: time a window of the first steps, then fix the plan's total (train/budget.py).
+    Nothing to do without a budget or once the total is fixed (a resume of a measured run)."""
+
+    def __init__(self, cfg: Config, plan: Plan, state: TrainState) -> None:
+        self.text = cfg.train.budget
+        measure = self.text is not None and plan.total is None
+        self.meter = BudgetMeter(parse_budget(self.text), state.step) if measure else None
+
+    def after_step(self, state: TrainState, plan: Plan, clock: Clock, rt: Runtime, log) -> None:
+        if self.meter is None or not self.meter.wants_time(state.step):
+            return
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)  # the steps queued so far are done: the clock is true
+        clock.fold()
+        fixed = distributed.broadcast_object(self.meter.after_step(state.step, state.elapsed_s))
+        if fixed is None:
+            return
+        self.meter, state.planned_steps = None, fixed.total
+        plan.fix(fixed.total)
+        log.fixed(state.step, fixed, fixed_line(fixed, plan.steps_per_epoch, self.text))
 
 
 def train_loop(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, monitors: Monitors,
                guard: NonFiniteGuard, *, purge: bool) -> LoopEnd:
     """Train from ``state``'s position to ``cfg.train.max_steps`` or the schedule's end."""
-    plan = Plan(cfg, len(data.views))
+    plan = Plan(cfg, len(data.views), state.planned_steps)
+    budget = Budget(cfg, plan, state)
     skip = cfg.train.nonfinite == "skip"
     if cfg.train.compile:
         state.model.compile()  # in place: forward compiled, parameter names unchanged
@@ -120,6 +165,7 @@ def train_loop(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path,
                     monitors.after_step(state.step, outputs, labels)
                 state.step_in_epoch += 1
                 clock.count(plan.batch)
+                budget.after_step(state, plan, clock, rt, log)
                 log.bar.update(1)
                 _govern(governor, state, rt)
                 if log.due(state.step, monitors):
@@ -130,7 +176,7 @@ def train_loop(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path,
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                     if _check(guard, state, end, log, weights=True):
                         break  # before the evaluation and the checkpoint: neither sees a bad state
-                    _evaluate_if_due(cfg, state, monitors, log, clock)
+                    _evaluate_if_due(plan, state, monitors, log, clock)
                     _checkpoint(state, run_dir, guard, clock, keep=_keep_epoch(cfg, state.epoch))
                 elif state.step % cfg.train.checkpoint_every == 0:
                     if _check(guard, state, end, log, weights=True):
@@ -146,7 +192,8 @@ def train_loop(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path,
         log.close()
         if governor is not None:
             governor.restore()
-    end.step, end.finished = state.step, state.step >= plan.total and end.diverged is None
+    end.step = state.step
+    end.finished = plan.total is not None and state.step >= plan.total and end.diverged is None
     return end
 
 
@@ -198,10 +245,10 @@ def _state_tensors(state: TrainState):
             yield from (v for v in per_param.values() if hasattr(v, "is_floating_point"))
 
 
-def _evaluate_if_due(cfg: Config, state: TrainState, monitors: Monitors, log, clock: Clock) -> None:
+def _evaluate_if_due(plan: Plan, state: TrainState, monitors: Monitors, log, clock: Clock) -> None:
     """The held-out kNN of eval.knn_every, before the epoch's checkpoint: a kill in between reruns
     it on resume instead of losing its row. Its time is not training time."""
-    if not monitors.due(state.epoch, cfg.optim.epochs):
+    if not monitors.due(state.epoch, plan.last_epoch):
         return
     with clock.paused():
         if distributed.is_main():
@@ -267,6 +314,17 @@ class _Log:
         row.update(monitors.log_values(state.step, row))
         self.logger.log(state.step, row)
         self.bar.set_postfix(progress_postfix(row, lr, tau), refresh=False)
+
+    def fixed(self, step: int, fixed, line: str) -> None:
+        """A budget fixed the total: its line (stdout), its event row, the bar's new length."""
+        self.stop_at = min(self.stop_at, fixed.total)
+        self.logger.log(step, {"event": "budget", "total_steps": fixed.total, "steps_per_s": fixed.rate,
+                               "measured_steps": fixed.measured, "elapsed_s": fixed.elapsed_s,
+                               "budget_s": fixed.budget_s})
+        self.bar.total = fixed.total
+        if distributed.is_main():
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
 
     def close(self) -> None:
         self.bar.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 from byol import distributed
 from byol.files import atomic_write_text
 from byol.optim.schedules import scaled_lr
+from byol.train.budget import MEASURE_STEPS, WARMUP_STEPS, parse_budget
 from byol.train.checkpoint import CHECKPOINT_DIR
 
 
@@ -131,21 +132,32 @@ def start_summary(cfg, data, model, device, precision, workers, run_dir, step) -
         f"  model:  {m.backbone}{shape}, {params:.2f}M encoder parameters"
         f"{''.join(', ' + e for e in extras)}\n"
         f"  augment: {cfg.augment.semantics} semantics, {cfg.augment.backend} backend, {cfg.augment.size} px\n"
-        f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}{micro}, {steps} steps/epoch x "
-        f"{cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps, peak lr "
+        f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}{micro}, {_length(cfg, steps)}, peak lr "
         f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base}"
         f"{' (constant)' if cfg.method.tau_schedule == 'constant' else ' -> 1'}\n"
         f"  device: {device} ({precision}), {workers} loader workers"
     )
 
 
+def _length(cfg, steps: int) -> str:
+    """The run's length: epochs x steps, or the time budget that fixes it (train/budget.py)."""
+    if cfg.train.budget is None:
+        return f"{steps} steps/epoch x {cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps"
+    return (f"{steps} steps/epoch, time budget {cfg.train.budget} ({parse_budget(cfg.train.budget):g} s of "
+            f"training, evaluations outside it): the total steps follow from the rate of {MEASURE_STEPS} "
+            f"steps after {WARMUP_STEPS} warm-up steps (optim.epochs ignored)")
+
+
 def write_summary(cfg, state, run_dir, result, device, precision) -> None:
     """summary.json: where the run stands (read by `byol report`). elapsed_s is the training wall
     time over all sessions: data, steps and checkpoints, not the evaluations."""
     elapsed = state.elapsed_s
-    total = (state.n_train // cfg.optim.batch_size) * cfg.optim.epochs
+    steps_per_epoch = state.n_train // cfg.optim.batch_size
+    total = steps_per_epoch * cfg.optim.epochs
+    if cfg.train.budget is not None:  # the total the budget fixed (None while still measuring)
+        total = state.planned_steps
     write_json(run_dir / "summary.json", {
-        "step": state.step, "total_steps": total, "finished": result.finished,
+        "step": state.step, "total_steps": total, "steps_per_epoch": steps_per_epoch, "finished": result.finished,
         "elapsed_s": elapsed, "images_per_s": state.step * cfg.optim.batch_size / elapsed if elapsed else None,
         "collapsed": result.collapsed_at is not None, "collapsed_at_step": result.collapsed_at,
         "device": str(device), "precision": precision,

@@ -24,7 +24,7 @@ class TrainState:
     is (its resolved config, its number of training images), its clock and its monitors' state.
 
     On disk the run fields sit under ``extra`` (the layout every checkpoint since format 1 has):
-    ``{"config", "n_train", "elapsed", "collapsed_at"}``."""
+    ``{"config", "n_train", "elapsed", "collapsed_at", "planned_steps"}``."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -35,12 +35,15 @@ class TrainState:
     n_train: int | None = None  # training images: a resume must see the same number
     elapsed_s: float = 0.0  # training wall time over all sessions (not the evaluations)
     collapsed_at: int | None = None  # first step whose projections were flagged as collapsed
+    planned_steps: int | None = None  # the total steps a train.budget fixed (train/budget.py); None: not yet
     probe: Any = None  # the online linear classifier (eval/diagnostics.py OnlineLinear), when labelled
 
     def state_dict(self) -> dict[str, Any]:
         extra = {"config": self.config, "elapsed": self.elapsed_s, "n_train": self.n_train}
         if self.collapsed_at is not None:
             extra["collapsed_at"] = self.collapsed_at
+        if self.planned_steps is not None:
+            extra["planned_steps"] = self.planned_steps
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model.state_dict(),
@@ -65,6 +68,7 @@ class TrainState:
         self.n_train = extra.get("n_train")
         self.elapsed_s = float(extra.get("elapsed", 0.0))
         self.collapsed_at = extra.get("collapsed_at")
+        self.planned_steps = extra.get("planned_steps")
         if self.probe is not None and "probe" in sd:
             self.probe.load_full_state_dict(sd["probe"])
         restore_rng(sd["rng"])
