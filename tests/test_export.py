@@ -263,11 +263,12 @@ def test_padding_is_recorded_and_restored(tmp_path):
 
 
 def test_format_torchvision_of_our_resnet_loads_into_torchvision(tmp_path, run_dir):
-    from byol.export import _save_torchvision, encoder_meta
+    from byol.deploy import save_torchvision
+    from byol.export import encoder_meta
 
     torch.manual_seed(0)
     encoder = resnet("resnet18").eval()
-    _save_torchvision(encoder, encoder_meta(encoder, backbone="resnet18"), tmp_path / "r18.pth")
+    save_torchvision(encoder, encoder_meta(encoder, backbone="resnet18"), tmp_path / "r18.pth")
     tv = torchvision.models.resnet18().eval()
     result = tv.load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True), strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys

@@ -20,17 +20,7 @@ Named backbones (``model.backbone=torchvision/NAME`` or ``timm/NAME``, byol.mode
 the same way; the metadata's ``backbone`` is that name, so ``load_encoder`` rebuilds the model
 (a timm export needs timm installed: ``pip install 'byol[timm]'``).
 
-Deployment formats (``byol export RUN --format F --out FILE``), each with the sidecar json:
-
-- ``torchvision``: the encoder's state dict (``torch.save``; ``.safetensors`` if FILE says so),
-  named as ``torchvision.models.get_model(NAME)``'s: ``load_state_dict(sd, strict=False)``
-  reports exactly the classifier's keys missing (``fc.*``, ``classifier.N.*``, ``heads.head.*``),
-  or loads strictly once that Linear is replaced by ``nn.Identity()``. Our ResNets map onto
-  ``resnetNN`` (same names) at width 1 with the ImageNet stem, BN and symmetric padding only.
-- ``timm``: the same for timm backbones; ``timm.create_model(NAME, num_classes=0)`` loads it strictly.
-- ``onnx``: ``torch.onnx.export`` of the encoder in eval mode (``pip install 'byol[onnx]'``):
-  input ``images`` float32 [batch, 3, S, S] (normalised as the sidecar says), output
-  ``features`` [batch, D]; the batch axis is dynamic, S is the training size.
+Deployment formats (``byol export RUN --format torchvision|timm|onnx``): byol/deploy.py.
 """
 from __future__ import annotations
 
@@ -47,6 +37,7 @@ from torch import nn
 from byol.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from byol.data.errors import DataError
 from byol.data.transforms import eval_crop_fraction
+from byol.deploy import DEPLOY_SAVERS
 from byol.files import atomic_path, atomic_write_text
 from byol.models.backbones import PADDINGS, RESNET_SPECS, resnet
 from byol.models.named import TIMM_MISSING, is_named, named_backbone, split_backbone
@@ -57,7 +48,6 @@ FORMAT = "byol-encoder"
 FORMAT_VERSION = 2  # 2: ``padding`` ("same" needs it); symmetric exports are still written as 1
 METADATA_KEY = "byol_encoder"
 EXPORT_FORMATS = ("byol", "torchvision", "timm", "onnx")
-TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # no resnet200 there
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:
@@ -167,61 +157,10 @@ def export_encoder(run_or_checkpoint: str | os.PathLike, out: str | os.PathLike,
         meta = save_encoder(encoder, out, force=force, **arch)
     else:
         meta = encoder_meta(encoder, **arch)
-        {"torchvision": _save_torchvision, "timm": _save_timm, "onnx": _save_onnx}[format](encoder, meta, Path(out))
+        DEPLOY_SAVERS[format](encoder, meta, Path(out))
         atomic_write_text(sidecar_path(out), json.dumps({**meta, "export_format": format}, indent=2) + "\n")
     return {**meta, "out": str(out), "sidecar": str(sidecar_path(out)),
             "num_tensors": len(encoder.state_dict()), "export_format": format}
-
-
-def _save_state_dict(encoder: nn.Module, out: Path) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    with atomic_path(out) as tmp:
-        if out.suffix == ".safetensors":
-            safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, tmp)
-
-
-def _save_torchvision(encoder: nn.Module, meta: dict, out: Path) -> None:
-    """``--format torchvision``: a state dict for ``torchvision.models.get_model(NAME)`` (module docstring)."""
-    backbone = meta["backbone"]
-    parts = split_backbone(backbone)
-    if parts is not None and parts[0] != "torchvision":
-        raise DataError(f"export: --format torchvision needs a torchvision backbone, not {backbone} "
-                        f"(use --format {parts[0]})")
-    if parts is None:
-        ours = {"width": (meta["width"], 1.0), "cifar_stem": (meta["cifar_stem"], False),
-                "norm": (meta["norm"], "bn"), "padding": (meta["padding"], "symmetric")}
-        bad = [f"{k}={v!r}" for k, (v, want) in ours.items() if v != want]
-        if backbone not in TORCHVISION_RESNETS or bad:
-            raise DataError(f"export: --format torchvision: torchvision has no {backbone} with "
-                            f"{', '.join(bad) or 'this depth'} (it needs {'/'.join(TORCHVISION_RESNETS)} at "
-                            "width 1, ImageNet stem, BN, symmetric padding)")
-    _save_state_dict(encoder, out)
-
-
-def _save_timm(encoder: nn.Module, meta: dict, out: Path) -> None:
-    """``--format timm``: a state dict for ``timm.create_model(NAME, num_classes=0)``."""
-    parts = split_backbone(meta["backbone"])
-    if parts is None or parts[0] != "timm":
-        alt = "torchvision" if parts is None or parts[0] == "torchvision" else "byol"
-        raise DataError(f"export: --format timm needs a timm backbone, not {meta['backbone']} (use --format {alt})")
-    _save_state_dict(encoder, out)
-
-
-def _save_onnx(encoder: nn.Module, meta: dict, out: Path) -> None:
-    """``--format onnx``: images float32 [batch, 3, S, S] -> features [batch, D], dynamic batch."""
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise DataError("export: --format onnx needs onnx: pip install 'byol[onnx]'") from None
-    size = int(meta["image_size"])
-    x = torch.zeros(2, 3, size, size)  # 2, not 1: a batch of 1 would be specialised
-    encoder = encoder.cpu().eval()
-    with atomic_path(out) as tmp:
-        torch.onnx.export(encoder, (x,), str(tmp), input_names=["images"], output_names=["features"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
 
 
 def _read_meta(path: Path) -> dict:
