@@ -137,7 +137,7 @@ def _run_encoder(run_or_checkpoint: str | os.PathLike, which: str = "online") ->
     m, aug = cfg.model, cfg.augment
     meta = dict(backbone=m.backbone, width=m.width, cifar_stem=m.cifar_stem, norm=encoder_norm(cfg),
                 padding=m.padding, image_size=aug.size, mean=aug.mean, std=aug.std,
-                augment_semantics=getattr(aug, "semantics", None),
+                augment_semantics=aug.semantics,
                 source={"source_checkpoint": str(ckpt), "step": loaded.step,
                         "which": which})
     return encoder.eval(), meta

@@ -66,6 +66,12 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def _which_and_force(parser, which_help: str) -> None:
+    """The options every command writing an encoder file shares."""
+    parser.add_argument("--which", choices=("online", "target"), default="online", help=which_help)
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
 def add_encoder_parsers(sub) -> None:
     p = sub.add_parser("export", help="write a run's encoder as safetensors + json",
                        epilog=EXAMPLES["export"], formatter_class=FMT,
@@ -74,14 +80,12 @@ def add_encoder_parsers(sub) -> None:
                                    "load it with byol.load_encoder(FILE).")
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--out", required=True, metavar="FILE.safetensors")
-    p.add_argument("--which", choices=("online", "target"), default="online",
-                   help="online encoder f_theta (default) or the EMA target f_xi")
     p.add_argument("--format", choices=("byol", "torchvision", "timm", "onnx"), default="byol",
                    help="byol (default: safetensors + json for byol.load_encoder); torchvision / timm: "
                         "a state dict (.pth, or .safetensors) for torchvision.models.NAME() (strict=False: "
                         "only the classifier missing) / timm.create_model(NAME, num_classes=0); onnx: "
                         "images [batch, 3, S, S] -> features [batch, D], dynamic batch (byol[onnx])")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _which_and_force(p, "online encoder f_theta (default) or the EMA target f_xi")
     p.set_defaults(func=cmd_export)
 
     o = sub.add_parser("import-official", help="DeepMind's released BYOL checkpoint (.pkl) -> an encoder export",
@@ -94,9 +98,7 @@ def add_encoder_parsers(sub) -> None:
                                    "without running it.")
     o.add_argument("checkpoint", metavar="FILE.pkl")
     o.add_argument("--out", required=True, metavar="FILE.safetensors")
-    o.add_argument("--which", choices=("online", "target"), default="online",
-                   help="online encoder f_theta (default; what the release evaluates) or the EMA target f_xi")
-    o.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _which_and_force(o, "online encoder f_theta (default; what the release evaluates) or the EMA target f_xi")
     o.set_defaults(func=cmd_import_official)
 
     e = sub.add_parser("embed", help="features of every image in a folder -> .npy",

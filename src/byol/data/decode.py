@@ -71,17 +71,26 @@ def check_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
             kind = header_kind(head)
             if kind is None:
                 return "not an image (unrecognised header)"
-            # Searching the whole last KiB (not just the last 2 bytes) tolerates zero/whitespace
-            # padding after the marker; FFD9 cannot occur inside entropy-coded data (FF is stuffed).
-            if kind == "jpeg" and b"\xff\xd9" not in tail:
-                return "truncated JPEG (no end-of-image marker)"
-            if kind == "png" and b"IEND" not in tail:
-                return "truncated PNG (no IEND chunk)"
+            truncated = trailer_reason(kind, tail)
+            if truncated is not None:
+                return truncated
             return pixel_limit_reason(read_header_from(f, max_pixels), max_pixels)
     except DataError as e:
         return str(e)
     except OSError as e:
         return os_reason(e)
+
+
+def trailer_reason(kind: str | None, tail: bytes) -> str | None:
+    """Why a file's last KiB shows it truncated (a JPEG without its end-of-image marker, a PNG
+    without its IEND chunk), else None. Searching the whole last KiB (not just the last 2 bytes)
+    tolerates zero/whitespace padding after the marker; FFD9 cannot occur inside entropy-coded
+    data (FF is stuffed)."""
+    if kind == "jpeg" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if kind == "png" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
 
 
 def _to_rgb_uint8(img: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from byol.data.decode import _TAIL_BYTES
+from byol.data.decode import _TAIL_BYTES, trailer_reason
 from byol.data.decode import decode_bytes as _decode_bytes
 from byol.data.errors import DataError
 from byol.data.folder import _limit_indices, _validate_args
-from byol.data.headers import DEFAULT_MAX_PIXELS
+from byol.data.headers import DEFAULT_MAX_PIXELS, HEAD_BYTES, header_kind
 from byol.data.scan import IMAGE_EXTENSIONS
 from byol.data.seeded import SeededSamples
 
@@ -85,11 +85,7 @@ def check_bytes(data: bytes) -> str | None:
     """``check_file`` on an image's bytes: None when they look like a whole image, else why."""
     if not data:
         return "empty file"
-    if data.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in data[-_TAIL_BYTES:]:
-        return "truncated JPEG (no end-of-image marker)"
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" not in data[-_TAIL_BYTES:]:
-        return "truncated PNG (no IEND chunk)"
-    return None
+    return trailer_reason(header_kind(data[:HEAD_BYTES]), data[-_TAIL_BYTES:])
 
 
 def decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from byol import distributed
 from byol.files import atomic_write_text
+from byol.models.named import is_named
 from byol.optim.schedules import scaled_lr
 from byol.train.budget import MEASURE_STEPS, WARMUP_STEPS, parse_budget
 from byol.train.checkpoint import CHECKPOINT_DIR
@@ -119,8 +120,8 @@ def start_summary(cfg, data, model, device, precision, workers, run_dir, step) -
     steps = n_train // cfg.optim.batch_size
     params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
     m = cfg.model
-    named = "/" in m.backbone  # torchvision/NAME or timm/NAME: width and stem are our ResNets' options
-    shape = "" if named else f" x{m.width:g}{' (CIFAR stem)' if m.cifar_stem else ''}"
+    # a torchvision/timm backbone: width and stem are our ResNets' options
+    shape = "" if is_named(m.backbone) else f" x{m.width:g}{' (CIFAR stem)' if m.cifar_stem else ''}"
     extras = [f"padding={m.padding}"] if m.padding != "symmetric" else []
     extras += [f"init from {m.init}"] if m.init else []
     accumulate = cfg.optim.accumulate_steps
