@@ -40,7 +40,7 @@ def _result(run, name):
 def test_eval_linear_fast_and_paper_and_random_floor(run, capsys):
     assert main(["eval", "linear", str(run), "--epochs", "20", "--lrs", "0.1,1", "--weight-decays", "0"]) == 0
     fast = _result(run, "linear_fast_heldout.json")
-    assert 0 <= fast["top1"] <= fast["top5"] <= 100 and fast["n_test"] == 16
+    assert 0 <= fast["top1"] <= 100 and fast["n_test"] == 16
     assert "linear (fast" in capsys.readouterr().out
     assert main(["eval", "linear", str(run), "--epochs", "20", "--lrs", "0.1,1", "--weight-decays", "0",
                  "--random-init"]) == 0

@@ -150,7 +150,7 @@ def test_easy_problem_beats_chance_frozen_and_finetuned():
     frozen = _train(_encoder(), freeze=True, epochs=8, lr=0.1)
     tuned = _train(_encoder(), freeze=False, epochs=8, lr=0.05)
     for out in (frozen, tuned):  # chance: 33% top-1; top-5 over 3 classes is always 100%
-        assert out["top1"] >= 80.0 and out["top5"] == 100.0 and out["n_test"] == 30
+        assert out["top1"] >= 80.0 and out["top5"] is None and out["n_test"] == 30
 
 
 def test_same_seed_same_numbers_whatever_the_workers():
@@ -197,7 +197,7 @@ def test_paper_linear_command_writes_its_json(run_dir):
     saved = json.loads(path.read_text())
     assert saved["lr"] == pytest.approx(0.2 * 16 / 256) and saved["steps"] == 2 * 3
     assert (saved["n_train"], saved["n_test"], saved["num_classes"]) == (48, 16, 8)
-    assert 0 <= saved["top1"] <= saved["top5"] <= 100 and saved["random_init"] is False
+    assert 0 <= saved["top1"] <= 100 and saved["random_init"] is False
     floor = paper_linear_command(str(run_dir), epochs=2, batch_size=16, device="cpu", workers=0,
                                  random_init=True)
     assert floor["written_to"].endswith("linear_paper_heldout_random_init.json")

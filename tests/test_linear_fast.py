@@ -118,7 +118,7 @@ def test_heldout_json_cache_hits_and_checkpoint_change(tiny_run, tmp_path):
     written = json.loads((run / "eval" / "linear_fast_heldout.json").read_text())
     assert out["written_to"] == str(run / "eval" / "linear_fast_heldout.json")
     assert written["top1"] == out["top1"] and written["sweep"] == out["sweep"]
-    assert 0 <= out["top1"] <= out["top5"] <= 100 and len(out["sweep"]) == 4
+    assert 0 <= out["top1"] <= 100 and len(out["sweep"]) == 4
     assert out["n_train"] + out["n_val"] == 48 and out["n_test"] == 16 and out["num_classes"] == 8
     assert out["feature_dim"] == 64 and out["cache_hits"] == {"train": False, "test": False}
     assert out["lr"] in FAST["lrs"] and out["top1"] > 100 / 8  # better than chance
@@ -154,7 +154,7 @@ def test_transfer_folders_and_data_changes(tiny_run, tmp_path):
     out = fast_linear_command(str(ckpt), **kw)
     assert out["n_train"] + out["n_val"] == 30 and out["n_test"] == 12 and out["num_classes"] == 3
     assert out["train"] == str(train.resolve()) and "written_to" not in out
-    assert 0 <= out["top1"] <= out["top5"] == 100.0  # 3 classes: top-5 covers them all
+    assert 0 <= out["top1"] <= 100 and out["top5"] is None  # 3 classes: top-5 would say nothing
     assert len(list((tmp_path / "feature_cache").glob("*.safetensors"))) == 2
     assert fast_linear_command(str(ckpt), **kw)["cache_hits"] == {"train": True, "test": True}
     first = sorted(train.rglob("*.jpg"))[0]

@@ -45,9 +45,14 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def top5_text(out: dict) -> str:
+    """", top-5 X%" where top-5 means something (more than 5 classes), else nothing."""
+    return f", top-5 {out['top5']:.2f}%" if out.get("top5") is not None else ""
+
+
 def _print_result(name: str, out: dict) -> None:
     floor = " (random-init encoder)" if out.get("random_init") else ""
-    print(f"{name}{floor}: top-1 {out['top1']:.2f}%, top-5 {out['top5']:.2f}% on {out['n_test']} test images")
+    print(f"{name}{floor}: top-1 {out['top1']:.2f}%{top5_text(out)} on {out['n_test']} test images")
     if out.get("written_to"):
         print(f"results: {out['written_to']}")
 
@@ -75,8 +80,8 @@ def cmd_eval_knn(args) -> int:
                       device=args.device, workers=args.workers, random_init=args.random_init,
                       seed=args.seed)
     floor = " (random-init encoder)" if args.random_init else ""
-    print(f"kNN{floor} (k={out['k']}, T={out['temperature']}): top-1 {out['top1']:.2f}%, "
-          f"top-5 {out['top5']:.2f}% on {out['n_test']} images (bank {out['n_bank']})")
+    print(f"kNN{floor} (k={out['k']}, T={out['temperature']}): top-1 {out['top1']:.2f}%{top5_text(out)} "
+          f"on {out['n_test']} images (bank {out['n_bank']})")
     if out.get("written_to"):
         print(f"results: {out['written_to']}")
     return 0

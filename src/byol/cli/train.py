@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from byol.config import ConfigError, apply_overrides, builtin_configs, config_from_dict, read_yaml, resolve_config_path
+from byol.config import apply_overrides, builtin_configs, config_from_dict, read_yaml, resolve_config_path
 from byol.config.resume import resumed_config
 
 FMT = argparse.RawDescriptionHelpFormatter
 
 EXAMPLES = {
-    "pretrain": "example:\n  byol pretrain --config cifar10_resnet18 data.path=/data/cifar10/train optim.epochs=200\n"
+    "pretrain": "example:\n  byol pretrain data.path=~/photos train.budget=1h      # settings chosen for you\n"
+                "  byol pretrain --config cifar10_resnet18 data.path=/data/cifar10/train optim.epochs=200\n"
                 "  byol pretrain --resume runs/cifar10_resnet18-20261123-101500",
     "demo": "example:\n  byol demo\n  byol demo optim.epochs=2 train.out_dir=/tmp/runs",
 }
@@ -59,9 +60,7 @@ def cmd_pretrain(args) -> int:
         cfg = resumed_config(args.resume, args.overrides)  # fails before anything is built
         result = pretrain(cfg, resume=args.resume)
     else:
-        if not args.config:
-            raise ConfigError("pretrain: give --config FILE (or --resume RUN_DIR)")
-        path = resolve_config_path(args.config)
+        path = resolve_config_path(args.config or "auto")  # auto: chosen from the data and device
         cfg = config_from_dict(apply_overrides(read_yaml(path), args.overrides))
         result = pretrain(cfg, stem=path.stem)
     _print_run(result)
@@ -95,7 +94,8 @@ def add_train_parsers(sub) -> None:
                        formatter_class=FMT,
                        description="Pretrain an encoder with BYOL. Overrides are section.key=value "
                                    "(values parsed as YAML) and win over the config file.")
-    p.add_argument("--config", help=f"YAML file or built-in name ({', '.join(builtin_configs())})")
+    p.add_argument("--config", help=f"YAML file or built-in name ({', '.join(builtin_configs())}); default: auto "
+                                    "(settings chosen from the data and the device)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from checkpoints/last.pt")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_pretrain)

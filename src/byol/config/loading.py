@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from byol.config.sections import SECTIONS, Augment, Config, ConfigError
+from byol.config.sections import AUTO, SECTIONS, Augment, Auto, Config, ConfigError, is_auto
 from byol.files import atomic_write_text
 from byol.presets import AUGMENT_ABLATIONS, AUGMENT_SETS, METHOD_PRESETS
 
@@ -30,7 +30,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, getattr(types, "UnionType", None)):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
+        if Auto in args and is_auto(value):  # `auto`: chosen when the run starts (byol.auto)
+            return AUTO
+        (inner,) = [a for a in args if a is not type(None) and a is not Auto]
         return _coerce(value, inner, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -204,10 +206,25 @@ def saved_run_config(raw: dict) -> dict:
     return raw
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def leading_comments(path: str | Path) -> list[str]:
+    """The ``# `` lines at the top of a YAML file (those ``save_config`` wrote), without the ``# ``."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    out = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        out.append(line[2:] if line.startswith("# ") else line[1:])
+    return out
+
+
+def save_config(cfg: Config, path: str | Path, comments: list[str] = ()) -> None:
     """Write ``cfg`` as YAML, atomically: a kill or a full disk never leaves a run's config.yaml
-    empty (a resume reads it)."""
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    empty (a resume reads it). ``comments``: lines written first, each after a ``# ``."""
+    head = "".join(f"# {line}\n" for line in comments)
+    atomic_write_text(path, head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

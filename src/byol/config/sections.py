@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from byol.presets import (
     AUGMENT_ABLATIONS,
@@ -29,6 +29,24 @@ from byol.presets import (
 # The defaults are the paper's: its Table 6 (docs/method.md §3) and its 1000-epoch run (§4).
 _T6 = BYOL_AUGMENT
 _PAPER = PAPER_SCHEDULES[PAPER_EPOCHS]
+
+
+# ``auto``: the run chooses the value from the data and the device when it starts (byol.auto,
+# docs/auto.md); the keys that take it are AUTO_KEYS.
+AUTO = "auto"
+Auto = Literal["auto"]
+AUTO_KEYS = ("augment.size", "model.backbone", "model.width", "model.cifar_stem", "model.projector_hidden",
+             "model.projector_out", "model.predictor_hidden", "optim.batch_size", "optim.base_lr",
+             "optim.warmup_epochs", "method.tau_base")
+
+
+def is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == AUTO
+
+
+def auto_keys(cfg: Config) -> list[str]:
+    """The keys of ``cfg`` still set to ``auto``."""
+    return [key for key in AUTO_KEYS if is_auto(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))]
 
 
 class ConfigError(ValueError):
@@ -112,7 +130,7 @@ class Augment:
     # official: every op as the authors' released code computes it (docs/fidelity.md) |
     # torchvision: torchvision.transforms.v2's ops, what the PyTorch BYOL libraries use
     semantics: str = "official"
-    size: int = _T6["size"]
+    size: int | Auto = _T6["size"]  # auto: from the images' size and the device
     crop_scale: tuple[float, float] = _T6["crop_scale"]
     crop_ratio: tuple[float, float] = _T6["crop_ratio"]
     flip_prob: float = _T6["flip_prob"]
@@ -133,7 +151,7 @@ class Augment:
         _one_of("augment.backend", self.backend, ("reference", "batched"))
         _one_of("augment.semantics", self.semantics, AUGMENT_SEMANTICS)
         _one_of("augment.ablation", self.ablation, tuple(AUGMENT_ABLATIONS))
-        _check(self.size >= 8, "augment.size", ">= 8", self.size)
+        _check(is_auto(self.size) or self.size >= 8, "augment.size", ">= 8 or auto", self.size)
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, "augment.crop_scale", "0 < min <= max <= 1", self.crop_scale)
         # The rest is ViewSpec's own validation (one set of rules), run now so that a bad value
@@ -142,6 +160,8 @@ class Augment:
 
         shared = {k: v for k, v in dataclasses.asdict(self).items()
                   if k not in ("preset", "ablation", "backend", "semantics", "blur_prob", "solarize_prob")}
+        if is_auto(self.size):  # the rest is checked as at the largest size auto can choose
+            shared["size"] = _T6["size"]
         try:
             for view in (0, 1):
                 ViewSpec(**shared, blur_prob=self.blur_prob[view], solarize_prob=self.solarize_prob[view])
@@ -161,12 +181,12 @@ class Model:
     the encoder before training, online and target alike.
     """
 
-    backbone: str = "resnet50"
-    width: float = 1.0
-    cifar_stem: bool = False
-    projector_hidden: int = 4096
-    projector_out: int = 256
-    predictor_hidden: int = 4096
+    backbone: str = "resnet50"  # or auto (from the data and the device, with width and cifar_stem)
+    width: float | Auto = 1.0
+    cifar_stem: bool | Auto = False
+    projector_hidden: int | Auto = 4096
+    projector_out: int | Auto = 256
+    predictor_hidden: int | Auto = 4096
     head_norm: str = "bn"  # hidden-layer norm of the projector (and of the predictor unless set)
     predictor_norm: str | None = None  # the predictor's own: bn | ln | none; null: head_norm
     backbone_norm: str = "bn"  # bn | gn_ws (GroupNorm + weight standardisation) | none (docs/method.md §8)
@@ -186,8 +206,10 @@ class Model:
         from byol.models.named import check_torchvision_name, split_backbone
         from byol.models.norms import BACKBONE_NORMS
 
-        named = split_backbone(self.backbone)
-        if named is None:
+        named = None if is_auto(self.backbone) else split_backbone(self.backbone)
+        if is_auto(self.backbone):
+            pass
+        elif named is None:
             _check(self.backbone in RESNET_SPECS, "model.backbone",
                    f"one of {', '.join(RESNET_SPECS)}, torchvision/NAME or timm/NAME", self.backbone)
         elif named[0] == "torchvision" and (reason := check_torchvision_name(named[1])) is not None:
@@ -196,7 +218,7 @@ class Model:
             ours = {"width": 1.0, "cifar_stem": False, "padding": "symmetric", "backbone_norm": "bn",
                     "zero_init_residual": False, "bn_free_init": False}
             for key, default in ours.items():
-                _check(getattr(self, key) == default, f"model.{key}",
+                _check(getattr(self, key) in (default, AUTO), f"model.{key}",
                        f"{default!r} with model.backbone={self.backbone} (an option of our ResNets)",
                        getattr(self, key))
         _check(self.init is None or (self.init != "pretrained" or named is not None), "model.init",
@@ -204,9 +226,10 @@ class Model:
                self.init)
         _check(self.init is None or bool(str(self.init).strip()), "model.init", "pretrained, a PATH or null",
                self.init)
-        _check(self.width > 0, "model.width", "> 0", self.width)
+        _check(is_auto(self.width) or self.width > 0, "model.width", "> 0 or auto", self.width)
         for key in ("projector_hidden", "projector_out", "predictor_hidden"):
-            _check(getattr(self, key) > 0, f"model.{key}", "> 0", getattr(self, key))
+            value = getattr(self, key)
+            _check(is_auto(value) or value > 0, f"model.{key}", "> 0 or auto", value)
         _one_of("model.head_norm", self.head_norm, HEAD_NORMS)
         if self.predictor_norm is not None:
             _one_of("model.predictor_norm", self.predictor_norm, HEAD_NORMS)
@@ -228,7 +251,7 @@ class Method:
     loss: str = "regression"  # regression (2 - 2cos) | infonce (docs/method.md §7, alpha and beta)
     alpha: float = 0.1  # infonce temperature
     beta: float = 0.0  # infonce weight of the negatives: 0 (BYOL's objective) .. 1 (SimCLR's)
-    tau_base: float = _PAPER["tau_base"]
+    tau_base: float | Auto = _PAPER["tau_base"]  # auto: from the run's steps
     tau_schedule: str = "cosine"  # cosine (docs/method.md §1) | constant
     queue_size: int = 0  # > 0: infonce negatives from a FIFO queue of past target projections (MoCo)
 
@@ -238,7 +261,8 @@ class Method:
         _one_of("method.loss", self.loss, ("regression", "infonce"))
         _check(self.alpha > 0, "method.alpha", "> 0", self.alpha)
         _prob("method.beta", self.beta)
-        _prob("method.tau_base", self.tau_base)
+        if not is_auto(self.tau_base):
+            _prob("method.tau_base", self.tau_base)
         _one_of("method.tau_schedule", self.tau_schedule, ("cosine", "constant"))
         _check(self.queue_size >= 0, "method.queue_size", ">= 0", self.queue_size)
         _check(not self.queue_size or (self.loss == "infonce" and self.beta > 0), "method.queue_size",
@@ -251,10 +275,11 @@ class Optim:
     """Optimiser and schedules (docs/method.md §4). The lr is base_lr * batch_size / 256."""
 
     name: str = "lars"
-    batch_size: int = PAPER_BATCH_SIZE  # global batch
+    batch_size: int | Auto = PAPER_BATCH_SIZE  # global batch; auto: from the data and the device's memory
     epochs: int = PAPER_EPOCHS
-    base_lr: float = _PAPER["base_lr"]
-    warmup_epochs: float = float(PAPER_WARMUP_EPOCHS)  # capped at epochs (a 1-epoch trial run works)
+    base_lr: float | Auto = _PAPER["base_lr"]  # auto: from the device and the run's length
+    # capped at epochs (a 1-epoch trial run works); auto: from the run's length
+    warmup_epochs: float | Auto = float(PAPER_WARMUP_EPOCHS)
     weight_decay: float = _PAPER["weight_decay"]
     momentum: float = PAPER_MOMENTUM
     trust_coefficient: float = PAPER_TRUST_COEFFICIENT
@@ -266,15 +291,17 @@ class Optim:
         from byol.optim import OPTIMIZERS
 
         _one_of("optim.name", self.name, OPTIMIZERS)
-        _check(self.batch_size >= 2, "optim.batch_size", ">= 2 (BN needs two samples)", self.batch_size)
+        batch = 2 * self.accumulate_steps if is_auto(self.batch_size) else self.batch_size
+        _check(batch >= 2, "optim.batch_size", ">= 2 (BN needs two samples) or auto", self.batch_size)
         _check(self.epochs >= 1, "optim.epochs", ">= 1", self.epochs)
-        _check(self.base_lr > 0, "optim.base_lr", "> 0", self.base_lr)
-        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0", self.warmup_epochs)
+        _check(is_auto(self.base_lr) or self.base_lr > 0, "optim.base_lr", "> 0 or auto", self.base_lr)
+        _check(is_auto(self.warmup_epochs) or self.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0 or auto",
+               self.warmup_epochs)
         _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
         _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _check(self.trust_coefficient > 0, "optim.trust_coefficient", "> 0", self.trust_coefficient)
         _check(self.accumulate_steps >= 1, "optim.accumulate_steps", ">= 1", self.accumulate_steps)
-        _check(self.batch_size % self.accumulate_steps == 0, "optim.batch_size",
+        _check(batch % self.accumulate_steps == 0, "optim.batch_size",
                f"a multiple of optim.accumulate_steps={self.accumulate_steps} (the batch is split into "
                "that many micro-batches)", self.batch_size)
 

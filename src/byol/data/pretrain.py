@@ -25,9 +25,10 @@ class PretrainData:
     skipped: list
 
 
-def build_pretrain_data(cfg: Config) -> PretrainData:
-    """Open the images, hold out ``val_fraction`` per class when labelled, wrap for training."""
-    raw = open_images(cfg.data)
+def build_pretrain_data(cfg: Config, raw: Dataset | None = None) -> PretrainData:
+    """Open the images (unless ``raw``, ``open_images(cfg.data)``, is given), hold out
+    ``val_fraction`` per class when labelled, wrap for training."""
+    raw = open_images(cfg.data) if raw is None else raw
     labels = labels_of(raw)
     skipped = list(getattr(raw, "skipped", []))
     train_idx, test_idx = heldout_split(cfg.data, raw)

@@ -38,9 +38,11 @@ def knn_predict(
     return torch.cat(out)
 
 
-def accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> float:
-    """Top-k accuracy in percent."""
-    topk = min(topk, scores.shape[1])
+def accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> float | None:
+    """Top-k accuracy in percent; None for k > 1 unless there are more than k classes (with k
+    classes or fewer every label is among the top k: 100% that says nothing)."""
+    if topk > 1 and scores.shape[1] <= topk:
+        return None
     hit = (scores.topk(topk, dim=1).indices == labels[:, None]).any(dim=1)
     return 100.0 * hit.float().mean().item()
 

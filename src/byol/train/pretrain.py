@@ -18,10 +18,14 @@ from pathlib import Path
 import torch
 
 from byol import distributed
+from byol.auto.choose import Chosen, auto_comments, choose_settings
 from byol.config import Config, ConfigError, config_to_dict, replace, save_config
+from byol.config.loading import leading_comments
+from byol.config.sections import auto_keys
 from byol.data.errors import DataError
 from byol.data.folder import write_skipped
 from byol.data.pretrain import build_pretrain_data
+from byol.data.sources import heldout_split, labels_of, open_images
 from byol.data.workers import default_workers
 from byol.eval.knn import evaluate_knn
 from byol.train.checkpoint import (
@@ -64,11 +68,16 @@ class PretrainResult:
 def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol") -> PretrainResult:
     """Train ``cfg`` from scratch, or continue the run directory ``resume``."""
     rt = start_runtime(cfg, default_workers)
-    _check_micro_batches(cfg, rt.world)
     if cfg.data.path and resume is None:  # the run must find its data from any directory later
         cfg = replace(cfg, data={"path": str(Path(cfg.data.path).expanduser().resolve())})
+    if resume is not None and auto_keys(cfg):
+        raise ConfigError(f"--resume: {auto_keys(cfg)[0]}=auto in the run's config.yaml; a run saves the "
+                          "values it chose, so this config was not written by a run")
+    raw = open_images(cfg.data)
+    cfg, chosen = choose_settings(cfg, raw, *_split_sizes(cfg, raw), rt)  # before the seed: no draws
+    _check_micro_batches(cfg, rt.world)
     torch.manual_seed(cfg.train.seed)
-    data = build_pretrain_data(cfg)
+    data = build_pretrain_data(cfg, raw)
     model, optimizer = build_model_and_optimizer(cfg, rt.device, data if resume is None else None,
                                                  init=resume is None)
     state = TrainState(model, optimizer, config=config_to_dict(cfg), n_train=len(data.views),
@@ -86,7 +95,7 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
                 run_dir = open_new_run(cfg, stem)
                 held.enter_context(_run_lock(run_dir))
             result.run_dir, result.step = run_dir, state.step
-            _run(cfg, state, data, rt, run_dir, result, resumed=resume is not None)
+            _run(cfg, state, data, rt, run_dir, result, chosen, resumed=resume is not None)
     except OSError as e:  # the disk refused a write anywhere in the run: one line, exit 4
         if e.errno not in _DISK_ERRNOS:
             raise
@@ -109,15 +118,23 @@ def _check_micro_batches(cfg: Config, world: int) -> None:
                           f"optim.accumulate_steps={n} micro-batches is 1 image each: batch norm needs two")
 
 
+def _split_sizes(cfg: Config, raw) -> tuple[int, int]:
+    """(training images, classes) of ``raw`` under the run's held-out split."""
+    train_idx, test_idx = heldout_split(cfg.data, raw)
+    labels = labels_of(raw)
+    return len(train_idx), (max(labels) + 1 if labels and test_idx else 0)
+
+
 def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, result: PretrainResult,
-         resumed: bool) -> None:
+         chosen: Chosen, resumed: bool) -> None:
     """The locked part of a run: config, start lines, training, final evaluation, summary."""
     if rt.main:
-        save_config(cfg, run_dir / "config.yaml")
+        saved = run_dir / "config.yaml"  # a resume keeps the reasons of what auto chose at the start
+        save_config(cfg, saved, leading_comments(saved) if resumed else auto_comments(chosen))
         if data.skipped:
             write_skipped(data.skipped, run_dir / "skipped_files.tsv")
         print(start_summary(cfg, data, state.model, rt.device, rt.precision, rt.workers, run_dir,
-                            state.step), flush=True)
+                            state.step, chosen), flush=True)
     if cfg.eval.initial_knn and data.bank is not None and state.step == 0 and rt.main:
         result.knn_init = _knn(cfg, state.model, data, rt)
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)

@@ -111,8 +111,9 @@ def open_new_run(cfg, stem: str) -> Path:
     return run_dir
 
 
-def start_summary(cfg, data, model, device, precision, workers, run_dir, step) -> str:
-    """The lines a run prints when it starts: data, model, optimisation, device."""
+def start_summary(cfg, data, model, device, precision, workers, run_dir, step, chosen=None) -> str:
+    """The lines a run prints when it starts: data, model, optimisation, device; then what
+    ``auto`` chose and why, and the notes (``chosen``: byol.auto.choose.Chosen)."""
     n_train = len(data.views)
     held = f", {len(data.test)} held out for kNN, {data.num_classes} classes" if data.test else ""
     if getattr(data.source, "labels", None) is None:
@@ -137,6 +138,8 @@ def start_summary(cfg, data, model, device, precision, workers, run_dir, step) -
         f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base}"
         f"{' (constant)' if cfg.method.tau_schedule == 'constant' else ' -> 1'}\n"
         f"  device: {device} ({precision}), {workers} loader workers"
+        + "".join(f"\n  auto:   {c.line()}" for c in (chosen.choices if chosen else ()))
+        + "".join(f"\n  note:   {n}" for n in (chosen.notes if chosen else ()))
     )
 
 

@@ -129,7 +129,7 @@ def start_runtime(cfg, workers_for) -> Runtime:
     world = distributed.world_size()
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", distributed.local_rank())
-    if cfg.optim.batch_size % world:
+    if not isinstance(cfg.optim.batch_size, str) and cfg.optim.batch_size % world:  # auto: chosen later
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be a multiple of the "
                          f"{world} processes (it is the global batch)")
     precision = apply_runtime(cfg, device)
