@@ -229,3 +229,9 @@ def test_byol_pretrain_on_a_folder_with_only_a_budget(tmp_path, capsys):
     ckpt = load_checkpoint(find_checkpoint(run))
     assert summary["finished"] and ckpt["step"] == ckpt["extra"]["planned_steps"] == summary["total_steps"]
     assert json.loads((run / "eval" / "knn.json").read_text())["top1"] >= 0
+
+
+def test_byol_pretrain_without_config_or_data_is_one_line(tmp_path, capsys):
+    code = main(["pretrain", f"train.out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "data.path: required" in err

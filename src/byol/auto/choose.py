@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from byol import distributed
 from byol.auto.facts import data_facts, device_facts
 from byol.auto.probe import START_BATCH, StepProbe, largest_fitting
@@ -81,6 +83,8 @@ def choose_settings(cfg: Config, images, n_train: int, classes: int, rt) -> tupl
         data = data_facts(images, n_train, classes, cfg.data.seed)
         device = device_facts(rt.device, rt.world)
         raw, choices = choose(cfg, data, device, lambda c: StepProbe(c, rt.device, rt.precision, rt.world))
+        if rt.device.type == "cuda":  # the probe's model is gone: give its cached memory back
+            torch.cuda.empty_cache()
     else:
         raw = choices = None
     raw, choices = distributed.broadcast_object((raw, choices))
@@ -102,10 +106,29 @@ def _notes(cfg: Config, n_train: int) -> list[str]:
 
 
 def choose(cfg: Config, data: DataFacts, device: DeviceFacts, make_probe) -> tuple[dict, list[Choice]]:
-    """The rules in order (size, model, batch, length-dependent tau and warm-up) -> (the chosen
-    config as a dict, the choices). ``make_probe(cfg)``: a StepProbe (or a fake in tests) for a
-    config whose shape is chosen."""
+    """The rules in order (size, model, batch, length-dependent lr, tau and warm-up) -> (the
+    chosen config as a dict, the choices). ``make_probe(cfg)``: a StepProbe (or a fake in tests)
+    for a config whose shape is chosen; made at most once, and only when a rule needs it."""
     p = _Picker(cfg)
+    _choose_shape(p, data, device)
+    placeholders = {"optim.batch_size": 2 * cfg.optim.accumulate_steps * device.processes,
+                    "optim.base_lr": 1.0, "method.tau_base": 0.99, "optim.warmup_epochs": 0.0}
+    probes: list = []
+
+    def probe():
+        if not probes:
+            probes.append(make_probe(p.config(**placeholders)))
+        return probes[0]
+
+    if p.wants("optim.batch_size"):
+        p.take(choose_batch(data, device, _largest_batch(p, data, device, probe)))
+    if any(p.wants(k) for k in ("optim.base_lr", "method.tau_base", "optim.warmup_epochs")):
+        _choose_by_length(p, data, device, probe)
+    return p.raw, p.choices
+
+
+def _choose_shape(p: _Picker, data: DataFacts, device: DeviceFacts) -> None:
+    """Image size, encoder and heads: what the data and the device call for."""
     p.take(choose_size(data, device))
     named = "/" in str(p.get("model.backbone"))
     p.take(choose_backbone(data, device))
@@ -117,31 +140,32 @@ def choose(cfg: Config, data: DataFacts, device: DeviceFacts, make_probe) -> tup
         p.take(choose_stem(p.get("augment.size")))
     for choice in choose_heads(device):
         p.take(choice)
-    placeholders = {"optim.batch_size": 2 * cfg.optim.accumulate_steps * device.processes,
-                    "optim.base_lr": 1.0, "method.tau_base": 0.99, "optim.warmup_epochs": 0.0}
-    probe = None
-    if p.wants("optim.batch_size"):
-        fits = None
-        if device.kind == "cuda":
-            probe = make_probe(p.config(**placeholders))
-            cap = min(BATCH_CAP["cuda"], max(START_BATCH, data.images))
-            fits = largest_fitting(probe.fits, START_BATCH, cap)
-            if fits is None:
-                raise ConfigError(f"config: optim.batch_size=auto: a batch of {START_BATCH} at "
-                                  f"{p.get('augment.size')} px does not fit in {device.name}'s memory; "
-                                  "set a smaller augment.size or model")
-        p.take(choose_batch(data, device, fits))
+
+
+def _largest_batch(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -> int | None:
+    """On a GPU: the largest power-of-two batch the memory probe fits (None on a CPU)."""
+    if device.kind != "cuda":
+        return None
+    cap = min(BATCH_CAP["cuda"], max(START_BATCH, data.images))
+    fits = largest_fitting(probe().fits, START_BATCH, cap)
+    if fits is None:
+        raise ConfigError(f"config: optim.batch_size=auto: a batch of {START_BATCH} at "
+                          f"{p.get('augment.size')} px does not fit in {device.name}'s memory; "
+                          "set a smaller augment.size or model")
+    return fits
+
+
+def _choose_by_length(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -> None:
+    """base_lr, tau_base and the warm-up from the run's steps: epochs x steps an epoch, or under
+    a budget the budget x the probed step rate."""
     batch = p.get("optim.batch_size")
     steps_per_epoch = max(1, data.images // batch)
-    if any(p.wants(k) for k in ("optim.base_lr", "method.tau_base", "optim.warmup_epochs")):
-        budget = p.get("train.budget")
-        if budget is None:
-            steps, estimated = steps_per_epoch * p.get("optim.epochs"), False
-        else:
-            probe = probe or make_probe(p.config(**placeholders))
-            steps, estimated = max(1, math.floor(parse_budget(budget) * probe.rate(batch))), True
-        epochs = steps / steps_per_epoch
-        p.take(choose_base_lr(device, epochs))
-        p.take(choose_tau(steps, estimated))
-        p.take(choose_warmup(epochs))
-    return p.raw, p.choices
+    budget = p.get("train.budget")
+    if budget is None:
+        steps, estimated = steps_per_epoch * p.get("optim.epochs"), False
+    else:
+        steps, estimated = max(1, math.floor(parse_budget(budget) * probe().rate(batch))), True
+    epochs = steps / steps_per_epoch
+    p.take(choose_base_lr(device, epochs))
+    p.take(choose_tau(steps, estimated))
+    p.take(choose_warmup(epochs))
