@@ -48,7 +48,7 @@ class FakeProbe:
 def _choose(overrides, data, device, probe=None):
     probe = probe or FakeProbe()
     cfg = load_config(None, [*ALL_AUTO, *overrides])
-    raw, choices = choose(cfg, data, device, lambda c: probe)
+    raw, choices, _ = choose(cfg, data, device, lambda c: probe)
     return raw, {c.key: c for c in choices}
 
 
@@ -63,7 +63,7 @@ def test_every_auto_key_parses_and_a_fixed_key_refuses_auto():
 
 
 @pytest.mark.parametrize("side, device, size, stem", [
-    (480, CPU, 64, True),    # phone photos on a CPU: capped
+    (480, CPU, 32, True),    # phone photos on a CPU: capped
     (480, GPU, 224, False),  # ... on a GPU: the paper's size
     (32, GPU, 32, True),     # CIFAR-sized
     (100, GPU, 96, False),   # the largest ladder size not above the images
@@ -148,20 +148,32 @@ def test_gpu_base_lr_is_the_paper_preset_of_the_nearest_length():
 
 def test_given_values_are_kept_and_only_auto_keys_are_chosen():
     cfg = load_config(None, ["augment.size=auto", "optim.batch_size=64"])
-    raw, choices = choose(cfg, DataFacts(50_000, 32, 200), CPU, lambda c: FakeProbe())
+    raw, choices, steps = choose(cfg, DataFacts(50_000, 32, 200), CPU, lambda c: FakeProbe())
     assert [c.key for c in choices] == ["augment.size"]
     assert raw["optim"]["batch_size"] == 64 and raw["model"]["backbone"] == "resnet50"
     named = load_config(None, ["model.backbone=torchvision/resnet18", "model.width=auto", "model.cifar_stem=auto"])
-    raw, _ = choose(named, DataFacts(50_000, 32, 200), CPU, lambda c: FakeProbe())
+    raw, _, _ = choose(named, DataFacts(50_000, 32, 200), CPU, lambda c: FakeProbe())
     assert (raw["model"]["width"], raw["model"]["cifar_stem"]) == (1.0, False)
 
 
-def test_a_config_without_auto_is_returned_unchanged():
-    cfg = load_config(None, TINY)
+def test_a_config_without_auto_is_returned_unchanged_with_its_notes():
+    cfg = load_config(None, [*TINY, "optim.epochs=100"])
     out, chosen = choose_settings(cfg, None, 5000, 3, rt=None)
-    assert out is cfg and chosen.choices == [] and chosen.notes == []
-    _, chosen = choose_settings(cfg, None, 300, 3, rt=None)
-    assert len(chosen.notes) == 1 and "300 training images" in chosen.notes[0]
+    assert out is cfg and chosen.choices == [] and chosen.notes == [] and chosen.steps == 100 * 5000 // 8
+    short = load_config(None, [*TINY, "optim.epochs=1"])
+    _, chosen = choose_settings(short, None, 3000, 3, rt=None)  # 375 steps
+    assert chosen.steps == 375 and chosen.notes[0].startswith("about 375 steps on 3000 images: below 500")
+    with_init = load_config(None, [*TINY, "optim.epochs=1", "model.init=weights.pt"])
+    assert choose_settings(with_init, None, 3000, 3, rt=None)[1].notes == []
+
+
+def test_a_budget_too_short_for_the_data_is_said_in_the_notes():
+    probe = FakeProbe(steps_per_s=0.5)  # 5 minutes -> 150 steps
+    cfg = load_config(None, [*ALL_AUTO, "train.budget=5m"])
+    _, _, steps = choose(cfg, DataFacts(8000, 96, 200), CPU, lambda c: probe)
+    assert steps == 150
+    assert rules.small_data_note(8000, None, steps).startswith("about 150 steps on 8000 images: below 500")
+    assert rules.small_data_note(8000, None, 5000) is None
 
 
 def test_largest_fitting_doubles_until_the_first_misfit():
@@ -216,9 +228,8 @@ def test_byol_pretrain_on_a_folder_with_only_a_budget(tmp_path, capsys):
         section, name = key.split(".")
         assert saved[section][name] != "auto"
         assert f"  auto:   {key}=" in out and f"#   {key}=" in text
-    assert saved["augment"]["size"] == 64 and saved["model"]["backbone"] == "resnet18"
+    assert saved["augment"]["size"] == 32 and saved["model"]["backbone"] == "resnet18"
     assert saved["optim"]["batch_size"] == 8  # 72 training images / 8 -> 9 -> 8
-    assert "note:   72 training images: below" in out
     assert "stopped at step 16" in out
     capsys.readouterr()
     assert main(["pretrain", "--resume", str(run), "train.threads=1"]) == 0

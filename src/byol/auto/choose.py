@@ -44,6 +44,7 @@ class Chosen:
 
     choices: list[Choice] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    steps: int | None = None  # the run's expected steps (estimated under a budget), when known
 
 
 class _Picker:
@@ -78,18 +79,19 @@ class _Picker:
 def choose_settings(cfg: Config, images, n_train: int, classes: int, rt) -> tuple[Config, Chosen]:
     """``cfg`` with every ``auto`` value chosen, and the choices with their reasons."""
     if not auto_keys(cfg):
-        return cfg, Chosen(notes=_notes(cfg, n_train))
+        steps = None if cfg.train.budget else max(1, n_train // cfg.optim.batch_size) * cfg.optim.epochs
+        return cfg, Chosen(notes=_notes(cfg, n_train, steps), steps=steps)
     if distributed.is_main():
         data = data_facts(images, n_train, classes, cfg.data.seed)
         device = device_facts(rt.device, rt.world)
-        raw, choices = choose(cfg, data, device, lambda c: StepProbe(c, rt.device, rt.precision, rt.world))
+        raw, choices, steps = choose(cfg, data, device, lambda c: StepProbe(c, rt.device, rt.precision, rt.world))
         if rt.device.type == "cuda":  # the probe's model is gone: give its cached memory back
             torch.cuda.empty_cache()
     else:
-        raw = choices = None
-    raw, choices = distributed.broadcast_object((raw, choices))
+        raw = choices = steps = None
+    raw, choices, steps = distributed.broadcast_object((raw, choices, steps))
     chosen_cfg = config_from_dict(raw)
-    return chosen_cfg, Chosen(choices, _notes(chosen_cfg, n_train))
+    return chosen_cfg, Chosen(choices, _notes(chosen_cfg, n_train, steps), steps)
 
 
 def auto_comments(chosen: Chosen) -> list[str]:
@@ -100,15 +102,17 @@ def auto_comments(chosen: Chosen) -> list[str]:
             *(f"  {c.line()}" for c in chosen.choices)]
 
 
-def _notes(cfg: Config, n_train: int) -> list[str]:
-    note = small_data_note(n_train, cfg.model.init, cfg.train.budget)
+def _notes(cfg: Config, n_train: int, steps: int | None) -> list[str]:
+    note = small_data_note(n_train, cfg.model.init, steps)
     return [note] if note else []
 
 
-def choose(cfg: Config, data: DataFacts, device: DeviceFacts, make_probe) -> tuple[dict, list[Choice]]:
+def choose(cfg: Config, data: DataFacts, device: DeviceFacts,
+           make_probe) -> tuple[dict, list[Choice], int | None]:
     """The rules in order (size, model, batch, length-dependent lr, tau and warm-up) -> (the
-    chosen config as a dict, the choices). ``make_probe(cfg)``: a StepProbe (or a fake in tests)
-    for a config whose shape is chosen; made at most once, and only when a rule needs it."""
+    chosen config as a dict, the choices, the expected steps when a rule needed them).
+    ``make_probe(cfg)``: a StepProbe (or a fake in tests) for a config whose shape is chosen;
+    made at most once, and only when a rule needs it."""
     p = _Picker(cfg)
     _choose_shape(p, data, device)
     placeholders = {"optim.batch_size": 2 * cfg.optim.accumulate_steps * device.processes,
@@ -122,9 +126,10 @@ def choose(cfg: Config, data: DataFacts, device: DeviceFacts, make_probe) -> tup
 
     if p.wants("optim.batch_size"):
         p.take(choose_batch(data, device, _largest_batch(p, data, device, probe)))
+    steps = None
     if any(p.wants(k) for k in ("optim.base_lr", "method.tau_base", "optim.warmup_epochs")):
-        _choose_by_length(p, data, device, probe)
-    return p.raw, p.choices
+        steps = _choose_by_length(p, data, device, probe)
+    return p.raw, p.choices, steps
 
 
 def _choose_shape(p: _Picker, data: DataFacts, device: DeviceFacts) -> None:
@@ -155,9 +160,9 @@ def _largest_batch(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -> i
     return fits
 
 
-def _choose_by_length(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -> None:
+def _choose_by_length(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -> int:
     """base_lr, tau_base and the warm-up from the run's steps: epochs x steps an epoch, or under
-    a budget the budget x the probed step rate."""
+    a budget the budget x the probed step rate. -> those steps."""
     batch = p.get("optim.batch_size")
     steps_per_epoch = max(1, data.images // batch)
     budget = p.get("train.budget")
@@ -169,3 +174,4 @@ def _choose_by_length(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -
     p.take(choose_base_lr(device, epochs))
     p.take(choose_tau(steps, estimated))
     p.take(choose_warmup(epochs))
+    return steps
