@@ -158,13 +158,13 @@ def test_given_values_are_kept_and_only_auto_keys_are_chosen():
 
 def test_a_config_without_auto_is_returned_unchanged_with_its_notes():
     cfg = load_config(None, [*TINY, "optim.epochs=100"])
-    out, chosen = choose_settings(cfg, None, 5000, 3, rt=None)
+    out, chosen = choose_settings(cfg, None, 5000, rt=None)
     assert out is cfg and chosen.choices == [] and chosen.notes == [] and chosen.steps == 100 * 5000 // 8
     short = load_config(None, [*TINY, "optim.epochs=1"])
-    _, chosen = choose_settings(short, None, 3000, 3, rt=None)  # 375 steps
+    _, chosen = choose_settings(short, None, 3000, rt=None)  # 375 steps
     assert chosen.steps == 375 and chosen.notes[0].startswith("about 375 steps on 3000 images: below 500")
     with_init = load_config(None, [*TINY, "optim.epochs=1", "model.init=weights.pt"])
-    assert choose_settings(with_init, None, 3000, 3, rt=None)[1].notes == []
+    assert choose_settings(with_init, None, 3000, rt=None)[1].notes == []
 
 
 def test_a_budget_too_short_for_the_data_is_said_in_the_notes():
@@ -207,7 +207,7 @@ def test_data_facts_read_the_headers_of_a_sample(tmp_path):
     from byol.data.folder import ImageFolderDataset
 
     ds = ImageFolderDataset(_photo_folder(tmp_path / "photos"))
-    facts = data_facts(ds, n_train=70, classes=2)
+    facts = data_facts(ds, n_train=70)
     sides = sorted(min(Image.open(f).size) for f in ds.files)
     assert facts.sampled == 80 and facts.short_side == int(np.median(sides)) and facts.images == 70
 

@@ -1,6 +1,6 @@
 """A run's ``auto`` values, chosen once when a new run starts (docs/auto.md):
 
-    cfg, chosen = choose_settings(cfg, images, n_train, classes, rt)
+    cfg, chosen = choose_settings(cfg, images, n_train, rt)
 
 ``images`` is the run's raw dataset, ``n_train`` its training images (after the held-out split),
 ``rt`` the Runtime. The rules are byol.auto.rules; the device probes byol.auto.probe. The chosen
@@ -76,13 +76,13 @@ class _Picker:
         return config_from_dict(raw)
 
 
-def choose_settings(cfg: Config, images, n_train: int, classes: int, rt) -> tuple[Config, Chosen]:
+def choose_settings(cfg: Config, images, n_train: int, rt) -> tuple[Config, Chosen]:
     """``cfg`` with every ``auto`` value chosen, and the choices with their reasons."""
     if not auto_keys(cfg):
         steps = None if cfg.train.budget else max(1, n_train // cfg.optim.batch_size) * cfg.optim.epochs
         return cfg, Chosen(notes=_notes(cfg, n_train, steps), steps=steps)
     if distributed.is_main():
-        data = data_facts(images, n_train, classes, cfg.data.seed)
+        data = data_facts(images, n_train, cfg.data.seed)
         device = device_facts(rt.device, rt.world)
         raw, choices, steps = choose(cfg, data, device, lambda c: StepProbe(c, rt.device, rt.precision, rt.world))
         if rt.device.type == "cuda":  # the probe's model is gone: give its cached memory back

@@ -37,11 +37,10 @@ def _short_sides(images, seed: int) -> list[int]:
     return [min(images[i][0].shape[-2:]) for i in picks]
 
 
-def data_facts(images, n_train: int, classes: int, seed: int = 0) -> DataFacts:
+def data_facts(images, n_train: int, seed: int = 0) -> DataFacts:
     """``images``: the run's raw dataset (``open_images``); ``n_train``: its training images."""
     sides = _short_sides(images, seed) or [0]
-    return DataFacts(images=n_train, short_side=int(statistics.median(sides)), sampled=len(sides),
-                     classes=classes)
+    return DataFacts(images=n_train, short_side=int(statistics.median(sides)), sampled=len(sides))
 
 
 def device_facts(device: torch.device, processes: int = 1) -> DeviceFacts:

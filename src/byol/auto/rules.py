@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from byol.config.sections import AUTO  # noqa: F401 (the value the rules replace)
 from byol.presets import PAPER_SCHEDULES
 
 SIZES = (32, 64, 96, 128, 160, 192, 224)
@@ -51,7 +50,6 @@ class DataFacts:
     images: int
     short_side: int
     sampled: int
-    classes: int = 0
 
 
 @dataclass(frozen=True)

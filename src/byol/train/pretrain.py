@@ -25,7 +25,7 @@ from byol.config.sections import auto_keys
 from byol.data.errors import DataError
 from byol.data.folder import write_skipped
 from byol.data.pretrain import build_pretrain_data
-from byol.data.sources import heldout_split, labels_of, open_images
+from byol.data.sources import heldout_split, open_images
 from byol.data.workers import default_workers
 from byol.eval.knn import evaluate_knn
 from byol.train.checkpoint import (
@@ -74,7 +74,8 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         raise ConfigError(f"--resume: {auto_keys(cfg)[0]}=auto in the run's config.yaml; a run saves the "
                           "values it chose, so this config was not written by a run")
     raw = open_images(cfg.data)
-    cfg, chosen = choose_settings(cfg, raw, *_split_sizes(cfg, raw), rt)  # before the seed: no draws
+    n_train = len(heldout_split(cfg.data, raw)[0])
+    cfg, chosen = choose_settings(cfg, raw, n_train, rt)  # before the seed: no draws
     _check_micro_batches(cfg, rt.world)
     torch.manual_seed(cfg.train.seed)
     data = build_pretrain_data(cfg, raw)
@@ -116,13 +117,6 @@ def _check_micro_batches(cfg: Config, world: int) -> None:
     if per_rank // n < 2 and "bn" in (m.backbone_norm, m.head_norm, m.predictor_norm or m.head_norm):
         raise ConfigError(f"config: optim.batch_size={cfg.optim.batch_size} over {world} processes in "
                           f"optim.accumulate_steps={n} micro-batches is 1 image each: batch norm needs two")
-
-
-def _split_sizes(cfg: Config, raw) -> tuple[int, int]:
-    """(training images, classes) of ``raw`` under the run's held-out split."""
-    train_idx, test_idx = heldout_split(cfg.data, raw)
-    labels = labels_of(raw)
-    return len(train_idx), (max(labels) + 1 if labels and test_idx else 0)
 
 
 def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, result: PretrainResult,
