@@ -161,3 +161,19 @@ def test_byol_pretrain_with_a_real_three_second_budget(tmp_path, capsys):
     batch = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())["optim"]["batch_size"]
     assert summary["steps_per_epoch"] == 48 // batch
     assert read_run(tmp_path / "cli").steps_per_epoch == summary["steps_per_epoch"]
+
+
+def test_the_window_is_at_least_a_share_of_the_budget_so_a_slow_start_does_not_size_the_run():
+    # 1 s per step until step 13 (another process busy at the start), then the true 0.5 s
+    times, t = {}, 0.0
+    for s in range(1, 200):
+        t += 1.0 if s <= FIX else 0.5
+        times[s] = t
+    meter = BudgetMeter(1000.0, start_step=0)
+    fixed = next(f for f in (meter.after_step(s, times[s]) for s in range(1, 200)) if f is not None)
+    # 10 steps took 10 s, short of 5% of 1000 s: measured on to step 93 (50 s), 90 steps / 50 s
+    assert (fixed.step, fixed.measured, fixed.rate) == (93, 90, 1.8)
+    assert fixed.total == 93 + int((1000.0 - times[93]) * 1.8)  # 1797; from 10 steps alone: 1000
+    steady = BudgetMeter(1000.0, start_step=0)
+    fixed = next(f for f in (steady.after_step(s, s * STEP_S) for s in range(1, 200)) if f is not None)
+    assert (fixed.step, fixed.rate, fixed.total) == (WARMUP_STEPS + 100, 2.0, 2000)  # 50 s at 2 steps/s

@@ -302,3 +302,51 @@ def test_build_optimizer_unknown_name():
     with pytest.raises(ValueError) as err:
         build_optimizer("adam", small_model(), lr=0.1, weight_decay=0.0)
     assert str(err.value) == "optim.name: unknown optimizer 'adam' (choose from lars, sgd, adamw)"
+
+
+# --- the predictor's lr multiple (optim.predictor_lr_scale) -------------------------------------
+
+class _WithPredictor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = small_model()
+        self.predictor = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+
+    def forward(self, x):
+        return self.predictor(self.encoder(x))
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
+def test_predictor_lr_scale_gives_the_predictor_its_own_lr(name):
+    from byol.train.step import set_lr
+
+    model = _WithPredictor()
+    opt = build_optimizer(name, model, lr=0.0, weight_decay=WD, predictor_lr_scale=10.0)
+    set_lr(opt, 0.02)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        decayed = p.ndim > 1
+        want_lr = 0.2 if n.startswith("predictor.") else 0.02
+        assert lr_of[id(p)] == (pytest.approx(want_lr), WD if decayed else 0.0), n
+    # a first step is linear in the lr for all three: the predictor moves exactly 10x as far
+    ref = _WithPredictor()
+    ref_opt = build_optimizer(name, ref, lr=0.0, weight_decay=WD)
+    set_lr(ref_opt, 0.02)
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(1)).double()
+    for m, o in ((model, opt), (ref, ref_opt)):
+        o.zero_grad()
+        (m(x) ** 2).sum().backward()
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        o.step()
+        m.delta = {n: p.detach() - before[n] for n, p in m.named_parameters()}
+    for n in model.delta:
+        scale = 10.0 if n.startswith("predictor.") else 1.0
+        assert ref.delta[n].abs().max() > 0, n
+        torch.testing.assert_close(model.delta[n], scale * ref.delta[n])
+
+
+def test_predictor_lr_scale_one_keeps_the_two_groups():
+    model = _WithPredictor()
+    groups = build_optimizer("lars", model, lr=0.1, weight_decay=WD, predictor_lr_scale=1.0).param_groups
+    assert [(g["weight_decay"], g["lars_adapt"]) for g in groups] == [(WD, True), (0.0, False)]
+    assert all("lr_scale" not in g for g in groups)

@@ -136,7 +136,7 @@ def _run_encoder(run_or_checkpoint: str | os.PathLike, which: str = "online") ->
     encoder = model.encoder if which == "online" else model.target_encoder
     m, aug = cfg.model, cfg.augment
     meta = dict(backbone=m.backbone, width=m.width, cifar_stem=m.cifar_stem, norm=encoder_norm(cfg),
-                padding=m.padding, image_size=aug.size, mean=aug.mean, std=aug.std,
+                padding=m.padding, image_size=aug.eval_px, mean=aug.mean, std=aug.std,
                 augment_semantics=aug.semantics,
                 source={"source_checkpoint": str(ckpt), "step": loaded.step,
                         "which": which})

@@ -131,6 +131,10 @@ class Augment:
     # torchvision: torchvision.transforms.v2's ops, what the PyTorch BYOL libraries use
     semantics: str = "official"
     size: int | Auto = _T6["size"]  # auto: from the images' size and the device
+    # the evaluation images' size (kNN, probes, embed, export); null: size. Trained on crops at a
+    # smaller size, a convnet sees objects larger than in whole images of that size, and does
+    # better evaluated larger (docs/benchmarks.md, the 10-minute CPU preset)
+    eval_size: int | None = None
     crop_scale: tuple[float, float] = _T6["crop_scale"]
     crop_ratio: tuple[float, float] = _T6["crop_ratio"]
     flip_prob: float = _T6["flip_prob"]
@@ -152,6 +156,7 @@ class Augment:
         _one_of("augment.semantics", self.semantics, AUGMENT_SEMANTICS)
         _one_of("augment.ablation", self.ablation, tuple(AUGMENT_ABLATIONS))
         _check(is_auto(self.size) or self.size >= 8, "augment.size", ">= 8 or auto", self.size)
+        _check(self.eval_size is None or self.eval_size >= 8, "augment.eval_size", ">= 8 or null", self.eval_size)
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, "augment.crop_scale", "0 < min <= max <= 1", self.crop_scale)
         # The rest is ViewSpec's own validation (one set of rules), run now so that a bad value
@@ -159,7 +164,8 @@ class Augment:
         from byol.augment.views import ViewSpec
 
         shared = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("preset", "ablation", "backend", "semantics", "blur_prob", "solarize_prob")}
+                  if k not in ("preset", "ablation", "backend", "semantics", "blur_prob", "solarize_prob",
+                               "eval_size")}
         if is_auto(self.size):  # the rest is checked as at the largest size auto can choose
             shared["size"] = _T6["size"]
         try:
@@ -167,6 +173,11 @@ class Augment:
                 ViewSpec(**shared, blur_prob=self.blur_prob[view], solarize_prob=self.solarize_prob[view])
         except ValueError as exc:
             raise ConfigError(f"config: {exc}") from None
+
+    @property
+    def eval_px(self) -> int | Auto:
+        """The size evaluation images are resized to: ``eval_size``, else ``size``."""
+        return self.size if self.eval_size is None else self.eval_size
 
 
 @dataclass(frozen=True)
@@ -286,6 +297,9 @@ class Optim:
     # micro-batches per optimizer step: the batch is split in N (per rank), gradients averaged;
     # one optimizer step and one EMA update per N micro-batches, schedules count steps (train/step.py)
     accumulate_steps: int = 1
+    # the predictor's lr as a multiple of the schedule's (1: the paper); a faster predictor helps
+    # short runs (docs/benchmarks.md, the 10-minute CPU preset)
+    predictor_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         from byol.optim import OPTIMIZERS
@@ -301,6 +315,7 @@ class Optim:
         _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _check(self.trust_coefficient > 0, "optim.trust_coefficient", "> 0", self.trust_coefficient)
         _check(self.accumulate_steps >= 1, "optim.accumulate_steps", ">= 1", self.accumulate_steps)
+        _check(self.predictor_lr_scale > 0, "optim.predictor_lr_scale", "> 0", self.predictor_lr_scale)
         _check(batch % self.accumulate_steps == 0, "optim.batch_size",
                f"a multiple of optim.accumulate_steps={self.accumulate_steps} (the batch is split into "
                "that many micro-batches)", self.batch_size)
@@ -382,6 +397,14 @@ class Config:
     optim: Optim = field(default_factory=Optim)
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)
+
+    def __post_init__(self) -> None:
+        from byol.models.named import is_convolutional
+
+        aug, backbone = self.augment, self.model.backbone
+        if aug.eval_size not in (None, aug.size) and not is_auto(backbone) and not is_convolutional(backbone):
+            raise ConfigError(f"config: augment.eval_size={aug.eval_size} needs a convolutional backbone; "
+                              f"{backbone} takes one image size (augment.size={aug.size})")
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]

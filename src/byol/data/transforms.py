@@ -50,5 +50,6 @@ def eval_crop_fraction(size: int) -> float:
 def make_eval_transform(aug: Augment) -> Callable:
     """The evaluation transform of a run whose config has ``aug``: its size, mean and std, and its
     ``augment.semantics`` (official: the release's centre crop and resize, docs/fidelity.md)."""
-    return eval_transform(aug.size, crop_fraction=eval_crop_fraction(aug.size), mean=aug.mean, std=aug.std,
+    size = aug.eval_px  # augment.eval_size, else augment.size
+    return eval_transform(size, crop_fraction=eval_crop_fraction(size), mean=aug.mean, std=aug.std,
                           semantics=aug.semantics)

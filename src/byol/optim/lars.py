@@ -84,24 +84,32 @@ def excluded_from_decay_and_adaptation(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in excluded_ids}
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, scaled: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Two optimizer groups (docs/method.md §4): decayed + adapted, and the excluded ones.
 
     ``[{"params": regular, "weight_decay": weight_decay, "lars_adapt": True},
     {"params": excluded, "weight_decay": 0.0, "lars_adapt": False}]``; frozen parameters
     (``requires_grad=False``) are skipped and an empty group is left out.
+    ``scaled`` maps a submodule's name prefix (``"predictor."``) to an lr multiple other than 1:
+    its parameters get groups of their own with that ``lr_scale`` (``train.step.set_lr`` reads it).
     """
     excluded = excluded_from_decay_and_adaptation(model)
-    regular: list[nn.Parameter] = []
-    exempt: list[nn.Parameter] = []
+    scales = {prefix: scale for prefix, scale in (scaled or {}).items() if scale != 1.0}
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (exempt if name in excluded else regular).append(param)
-    groups = [
-        {"params": regular, "weight_decay": weight_decay, "lars_adapt": True},
-        {"params": exempt, "weight_decay": 0.0, "lars_adapt": False},
-    ]
-    return [g for g in groups if g["params"]]
+            scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
+            buckets.setdefault((scale, name in excluded), []).append(param)
+    groups = []
+    for scale in dict.fromkeys([1.0, *scales.values()]):
+        for exempt in (False, True):
+            params = buckets.get((scale, exempt), [])
+            if params:
+                group = {"params": params, "weight_decay": 0.0 if exempt else weight_decay, "lars_adapt": not exempt}
+                if scale != 1.0:
+                    group["lr_scale"] = scale
+                groups.append(group)
+    return groups
 
 
 def _validate(lr: float, momentum: float, weight_decay: float, trust_coefficient: float) -> None:

@@ -7,8 +7,11 @@
 The rule (docs/method.md §4 for the schedules laid over the total):
 
 - Measuring window: the first ``WARMUP_STEPS`` steps of a session warm the kernels (not timed),
-  the next ``MEASURE_STEPS`` are timed on the run's training clock (``state.elapsed_s``: data,
-  steps and checkpoints; evaluations are paused out of it).
+  the next ones are timed on the run's training clock (``state.elapsed_s``: data, steps and
+  checkpoints; evaluations are paused out of it): at least ``MEASURE_STEPS`` steps and at least
+  ``MEASURE_FRACTION`` of the budget, so that a few slow seconds at the start (another process
+  busy for a moment) do not size the whole run. Past ``MEASURE_STEPS`` the window is extended by
+  the steps the missing time buys at the rate so far, until it is long enough.
 - The total, fixed at the window's last step ``s``: ``s + floor((budget - elapsed) * rate)``, at
   least ``s``: the budget minus the time already spent (all sessions) at the measured rate.
 - What the budget covers: the training clock only. Periodic kNN evaluations (eval.knn_every), the
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 from byol.config.sections import parse_budget  # noqa: F401 (the duration rule lives with the config)
 
 WARMUP_STEPS = 3  # untimed steps first: kernel selection, allocator, caches
-MEASURE_STEPS = 10  # timed steps whose mean rate fixes the total
+MEASURE_STEPS = 10  # timed steps whose mean rate fixes the total: at least these
+MEASURE_FRACTION = 0.05  # and at least this share of the budget (30 s of 10 minutes)
 
 def total_steps(step: int, elapsed_s: float, rate: float, budget_s: float) -> int:
     """The total that ends within ``budget_s``: the steps the time left buys at ``rate``, after ``step``."""
@@ -65,8 +69,14 @@ class BudgetMeter:
             self._t0 = elapsed_s
         if step != self.fix_step or self._t0 is None:
             return None
-        rate = MEASURE_STEPS / max(elapsed_s - self._t0, 1e-9)
-        return Fixed(total_steps(step, elapsed_s, rate, self.budget_s), step, rate, MEASURE_STEPS,
+        spent = max(elapsed_s - self._t0, 1e-9)
+        measured = step - self.t0_step
+        rate = measured / spent
+        short = MEASURE_FRACTION * self.budget_s - spent
+        if short > 0:  # too short a window: measure on for the missing time at the rate so far
+            self.fix_step = step + max(1, math.ceil(short * rate))
+            return None
+        return Fixed(total_steps(step, elapsed_s, rate, self.budget_s), step, rate, measured,
                      elapsed_s, self.budget_s)
 
 

@@ -21,7 +21,7 @@ from byol import distributed
 from byol.files import atomic_write_text
 from byol.models.named import is_named
 from byol.optim.schedules import scaled_lr
-from byol.train.budget import MEASURE_STEPS, WARMUP_STEPS, parse_budget
+from byol.train.budget import MEASURE_FRACTION, MEASURE_STEPS, WARMUP_STEPS, parse_budget
 from byol.train.checkpoint import CHECKPOINT_DIR
 
 
@@ -128,12 +128,14 @@ def start_summary(cfg, data, model, device, precision, workers, run_dir, step, c
     accumulate = cfg.optim.accumulate_steps
     micro = f" ({accumulate} micro-batches of {cfg.optim.batch_size // accumulate})" if accumulate > 1 else ""
     start = f"resuming at step {step}" if step else "starting"
+    evaluated = f", evaluated at {cfg.augment.eval_px} px" if cfg.augment.eval_px != cfg.augment.size else ""
     return (
         f"{start}: {run_dir}\n"
         f"  data:   {n_train} training images{held}\n"
         f"  model:  {m.backbone}{shape}, {params:.2f}M encoder parameters"
         f"{''.join(', ' + e for e in extras)}\n"
-        f"  augment: {cfg.augment.semantics} semantics, {cfg.augment.backend} backend, {cfg.augment.size} px\n"
+        f"  augment: {cfg.augment.semantics} semantics, {cfg.augment.backend} backend, "
+        f"{cfg.augment.size} px{evaluated}\n"
         f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}{micro}, {_length(cfg, steps)}, peak lr "
         f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base}"
         f"{' (constant)' if cfg.method.tau_schedule == 'constant' else ' -> 1'}\n"
@@ -148,8 +150,9 @@ def _length(cfg, steps: int) -> str:
     if cfg.train.budget is None:
         return f"{steps} steps/epoch x {cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps"
     return (f"{steps} steps/epoch, time budget {cfg.train.budget} ({parse_budget(cfg.train.budget):g} s of "
-            f"training, evaluations outside it): the total steps follow from the rate of {MEASURE_STEPS} "
-            f"steps after {WARMUP_STEPS} warm-up steps (optim.epochs ignored)")
+            f"training, evaluations outside it): the total steps follow from the rate of at least "
+            f"{MEASURE_STEPS} steps and {MEASURE_FRACTION:.0%} of the budget after {WARMUP_STEPS} warm-up steps "
+            f"(optim.epochs ignored)")
 
 
 def write_summary(cfg, state, run_dir, result, device, precision) -> None:

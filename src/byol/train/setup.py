@@ -30,5 +30,6 @@ def build_model_and_optimizer(cfg: Config, device: torch.device, data=None, *, i
     optimizer = build_optimizer(
         cfg.optim.name, model, lr=0.0, weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient,
+        predictor_lr_scale=cfg.optim.predictor_lr_scale,
     )
     return model, optimizer

@@ -27,8 +27,9 @@ from byol.train.guard import grads_finite
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr into every group, times the group's ``lr_scale`` (the predictor's)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def _running_stats(model: torch.nn.Module) -> list[torch.Tensor]:
