@@ -139,6 +139,18 @@ def test_steps_come_from_epochs_or_from_the_probed_rate_under_a_budget():
     assert "about 1800 steps" in chosen["method.tau_base"].reason
 
 
+def test_a_short_run_gets_a_faster_predictor_and_a_long_one_the_papers():
+    data = DataFacts(50_000, 32, 200)
+    raw, chosen = _choose(["train.budget=10m"], data, CPU, FakeProbe(steps_per_s=3.0))  # about 1800 steps
+    assert raw["optim"]["predictor_lr_scale"] == rules.FAST_PREDICTOR_SCALE == 10.0
+    assert "about 1800 steps <= 2000" in chosen["optim.predictor_lr_scale"].reason
+    raw, chosen = _choose(["train.budget=null", "optim.epochs=100"], data, CPU)  # 19,500 steps
+    assert raw["optim"]["predictor_lr_scale"] == 1.0 and "the paper's" in chosen["optim.predictor_lr_scale"].reason
+    # only where it is auto: a number in the config stays
+    raw, chosen = _choose(["train.budget=10m", "optim.predictor_lr_scale=3"], data, CPU)
+    assert raw["optim"]["predictor_lr_scale"] == 3.0 and "optim.predictor_lr_scale" not in chosen
+
+
 def test_gpu_base_lr_is_the_paper_preset_of_the_nearest_length():
     data = DataFacts(IMAGENET, 256, 200)
     for epochs, lr in ((40, 0.45), (300, 0.3), (1000, 0.2)):

@@ -39,7 +39,7 @@ def test_augment_preset_fills_unset_fields_only():
         ("otpim.epochs=3", "unknown section 'otpim' (did you mean 'optim'?)"),
         ("method.tau_base=1.5", "method.tau_base must be in [0, 1], got 1.5"),
         ("optim.batch_size=0", "optim.batch_size must be >= 2"),
-        ("optim.predictor_lr_scale=0", "optim.predictor_lr_scale must be > 0, got 0"),
+        ("optim.predictor_lr_scale=0", "optim.predictor_lr_scale must be > 0 or auto, got 0"),
         ("optim.batch_size=abc", "optim.batch_size must be an integer, got 'abc'"),
         ("optim.epochs=2.5", "optim.epochs must be an integer"),
         ("model.cifar_stem=maybe", "model.cifar_stem must be true or false"),

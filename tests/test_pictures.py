@@ -158,3 +158,20 @@ def test_map_of_an_unlabelled_folder_without_the_cache(run_dir, folder, tmp_path
     assert (sorted(cache.glob("*")) if cache.is_dir() else []) == before  # --no-cache wrote nothing
     assert main(["map", str(run_dir), str(flat), "--no-progress", "--out", str(out)]) == 0
     assert len(list(cache.glob("*.safetensors"))) == len(before) + 1  # ... and without it, one file
+
+
+def test_neighbors_of_queries_in_a_folder_of_symlinked_images(encoder, folder, tmp_path):
+    # a folder of links to the images (as one makes to pick a subset of a dataset), queries given
+    # inside it: each query is one of the folder's rows, never its own neighbour
+    links = tmp_path / "links"
+    for image in sorted(folder.rglob("*.jpg")):
+        (links / image.parent.name).mkdir(parents=True, exist_ok=True)
+        (links / image.parent.name / image.name).symlink_to(image)
+    queries = sorted(links.rglob("*.jpg"))[:2]
+    out = tmp_path / "linked.png"
+    assert main(["neighbors", str(encoder), str(links), "--queries", *map(str, queries),
+                 "--k", "3", "--no-progress", "--out", str(out)]) == 0
+    got = json.loads(out.with_suffix(".json").read_text())["queries"]
+    assert [q["file"] for q in got] == [q.relative_to(links).as_posix() for q in queries]
+    for q in got:
+        assert q["file"] not in [nb["file"] for nb in q["neighbours"]]

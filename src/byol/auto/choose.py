@@ -27,6 +27,7 @@ from byol.auto.rules import (
     choose_base_lr,
     choose_batch,
     choose_heads,
+    choose_predictor_lr,
     choose_size,
     choose_stem,
     choose_tau,
@@ -109,14 +110,15 @@ def _notes(cfg: Config, n_train: int, steps: int | None) -> list[str]:
 
 def choose(cfg: Config, data: DataFacts, device: DeviceFacts,
            make_probe) -> tuple[dict, list[Choice], int | None]:
-    """The rules in order (size, model, batch, length-dependent lr, tau and warm-up) -> (the
+    """The rules in order (size, model, batch, length-dependent lr, tau, warm-up and predictor lr) -> (the
     chosen config as a dict, the choices, the expected steps when a rule needed them).
     ``make_probe(cfg)``: a StepProbe (or a fake in tests) for a config whose shape is chosen;
     made at most once, and only when a rule needs it."""
     p = _Picker(cfg)
     _choose_shape(p, data, device)
     placeholders = {"optim.batch_size": 2 * cfg.optim.accumulate_steps * device.processes,
-                    "optim.base_lr": 1.0, "method.tau_base": 0.99, "optim.warmup_epochs": 0.0}
+                    "optim.base_lr": 1.0, "method.tau_base": 0.99, "optim.warmup_epochs": 0.0,
+                    "optim.predictor_lr_scale": 1.0}
     probes: list = []
 
     def probe():
@@ -127,7 +129,8 @@ def choose(cfg: Config, data: DataFacts, device: DeviceFacts,
     if p.wants("optim.batch_size"):
         p.take(choose_batch(data, device, _largest_batch(p, data, device, probe)))
     steps = None
-    if any(p.wants(k) for k in ("optim.base_lr", "method.tau_base", "optim.warmup_epochs")):
+    if any(p.wants(k) for k in ("optim.base_lr", "method.tau_base", "optim.warmup_epochs",
+                                "optim.predictor_lr_scale")):
         steps = _choose_by_length(p, data, device, probe)
     return p.raw, p.choices, steps
 
@@ -161,7 +164,7 @@ def _largest_batch(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -> i
 
 
 def _choose_by_length(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -> int:
-    """base_lr, tau_base and the warm-up from the run's steps: epochs x steps an epoch, or under
+    """base_lr, tau_base, the warm-up and the predictor's lr from the run's steps: epochs x steps an epoch, or under
     a budget the budget x the probed step rate. -> those steps."""
     batch = p.get("optim.batch_size")
     steps_per_epoch = max(1, data.images // batch)
@@ -174,4 +177,5 @@ def _choose_by_length(p: _Picker, data: DataFacts, device: DeviceFacts, probe) -
     p.take(choose_base_lr(device, epochs))
     p.take(choose_tau(steps, estimated))
     p.take(choose_warmup(epochs))
+    p.take(choose_predictor_lr(steps, estimated))
     return steps

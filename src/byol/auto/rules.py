@@ -23,6 +23,9 @@ beside the value in the run's config.yaml. docs/auto.md states every rule and wh
                         gives 0.99 at 300 epochs and 0.78 at 500 steps, where our CPU screens
                         found 0.7-0.8 best (0.7 the best value screened: the floor)
     optim.warmup_epochs 10 epochs (the paper's), at most a tenth of the run
+    optim.predictor_lr_scale
+                        10 up to 2000 steps (measured at 535-1706 steps: +3 to +5.5 kNN points),
+                        1 (the paper's) for longer runs, where a faster predictor was not measured
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ LARGE_DATA = 200_000  # images from which a GPU run takes ResNet-50
 TAU_SCALE, TAU_POWER = 11.0, 0.63
 TAU_RANGE = (0.7, 0.996)
 WARMUP_EPOCHS, WARMUP_FRACTION = 10.0, 0.1
+FAST_PREDICTOR_STEPS, FAST_PREDICTOR_SCALE = 2000, 10.0  # the longest measured runs: 1706 steps
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,15 @@ def choose_warmup(epochs: float) -> Choice:
     why = (f"{WARMUP_EPOCHS:g} epochs (the paper's)" if value == WARMUP_EPOCHS
            else f"a tenth of about {epochs:.3g} epochs")
     return Choice("optim.warmup_epochs", value, why)
+
+
+def choose_predictor_lr(steps: int, estimated: bool) -> Choice:
+    about = "about " if estimated else ""
+    if steps <= FAST_PREDICTOR_STEPS:
+        return Choice("optim.predictor_lr_scale", FAST_PREDICTOR_SCALE,
+                      f"{about}{steps} steps <= {FAST_PREDICTOR_STEPS}: a short run wants a predictor that "
+                      "keeps up (measured on CPU presets)")
+    return Choice("optim.predictor_lr_scale", 1.0, f"{about}{steps} steps > {FAST_PREDICTOR_STEPS}: the paper's")
 
 
 # What our small-folder measurements found (docs/benchmarks.md, "Small folders"): every

@@ -37,7 +37,7 @@ AUTO = "auto"
 Auto = Literal["auto"]
 AUTO_KEYS = ("augment.size", "model.backbone", "model.width", "model.cifar_stem", "model.projector_hidden",
              "model.projector_out", "model.predictor_hidden", "optim.batch_size", "optim.base_lr",
-             "optim.warmup_epochs", "method.tau_base")
+             "optim.warmup_epochs", "optim.predictor_lr_scale", "method.tau_base")
 
 
 def is_auto(value: Any) -> bool:
@@ -298,8 +298,8 @@ class Optim:
     # one optimizer step and one EMA update per N micro-batches, schedules count steps (train/step.py)
     accumulate_steps: int = 1
     # the predictor's lr as a multiple of the schedule's (1: the paper); a faster predictor helps
-    # short runs (docs/benchmarks.md, the 10-minute CPU preset)
-    predictor_lr_scale: float = 1.0
+    # short runs (docs/benchmarks.md, the 10-minute CPU preset); auto: from the run's length
+    predictor_lr_scale: float | Auto = 1.0
 
     def __post_init__(self) -> None:
         from byol.optim import OPTIMIZERS
@@ -315,7 +315,8 @@ class Optim:
         _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _check(self.trust_coefficient > 0, "optim.trust_coefficient", "> 0", self.trust_coefficient)
         _check(self.accumulate_steps >= 1, "optim.accumulate_steps", ">= 1", self.accumulate_steps)
-        _check(self.predictor_lr_scale > 0, "optim.predictor_lr_scale", "> 0", self.predictor_lr_scale)
+        _check(is_auto(self.predictor_lr_scale) or self.predictor_lr_scale > 0, "optim.predictor_lr_scale",
+               "> 0 or auto", self.predictor_lr_scale)
         _check(batch % self.accumulate_steps == 0, "optim.batch_size",
                f"a multiple of optim.accumulate_steps={self.accumulate_steps} (the batch is split into "
                "that many micro-batches)", self.batch_size)

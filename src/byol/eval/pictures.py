@@ -120,6 +120,16 @@ def embed_for_pictures(source: str | os.PathLike, folder: str | os.PathLike, *, 
                     list(images.classes), images.root, got.hit, skipped, more)
 
 
+def _rows_of(queries: list[Path], files: list[Path]) -> list[int]:
+    """The row in ``files`` of each query (-1: none): the same path as written, or the same file
+    once links are followed (a query given outside FOLDER that is one of its images)."""
+    rows: dict[Path, int] = {}
+    for i, f in enumerate(files):
+        rows.setdefault(Path(os.path.abspath(f)), i)
+        rows.setdefault(f.resolve(), i)
+    return [rows.get(Path(os.path.abspath(q)), rows.get(q.resolve(), -1)) for q in queries]
+
+
 def nearest(features: torch.Tensor, queries: torch.Tensor, k: int,
             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine neighbours: features [N, D], queries [Q, D], exclude [Q] int64 (row of each
@@ -163,10 +173,12 @@ def _thumb(path: Path) -> np.ndarray:
 
 
 def _rel(emb: Embedded, path: Path) -> str:
-    try:
-        return path.resolve().relative_to(emb.root.resolve()).as_posix()
-    except ValueError:
-        return str(path)
+    """``path`` relative to FOLDER as written, else once links are followed, else as given."""
+    for p, root in ((Path(os.path.abspath(path)), Path(os.path.abspath(emb.root))),
+                    (path.resolve(), emb.root.resolve())):
+        if p.is_relative_to(root):
+            return p.relative_to(root).as_posix()
+    return str(path)
 
 
 def _pyplot():
@@ -203,21 +215,23 @@ def neighbors_picture(source: str | os.PathLike, folder: str | os.PathLike, out:
         if not Path(q).is_file():
             raise FileNotFoundError(f"{what}: query image not found: {q}")
     q_files = [Path(q) for q in queries or []]
-    in_folder = Path(folder).resolve()
-    outside = [p for p in q_files if not p.resolve().is_relative_to(in_folder)]  # embedded, not cached
+    # a query under FOLDER (as written, before links are followed: a folder of symlinked images is
+    # common) is one of its rows; any other is embedded on its own, not cached
+    outside = [p for p in q_files if not Path(os.path.abspath(p)).is_relative_to(os.path.abspath(folder))]
     emb = embed_for_pictures(source, folder, what=what, batch_size=batch_size, device=device,
                              workers=workers, cache=cache, progress=progress, extra=outside)
     n = len(emb.files)
-    row_of = {p.resolve(): i for i, p in enumerate(emb.files)}
     if queries:
-        missing = [p for p in q_files if p not in outside and p.resolve() not in row_of]
+        exclude = torch.tensor(_rows_of(q_files, emb.files))
+        missing = [p for p, row in zip(q_files, exclude.tolist()) if row < 0 and p not in outside]
         if missing:  # inside FOLDER but skipped as unreadable
             raise DataError(f"{what}: query image could not be read: {missing[0]}")
-        exclude = torch.tensor([row_of.get(p.resolve(), -1) for p in q_files])
         q_feats = torch.zeros(len(q_files), emb.features.shape[1])
         inside = (exclude >= 0).nonzero().flatten()
         q_feats[inside] = emb.features[exclude[inside]]
-        q_feats[(exclude < 0).nonzero().flatten()] = emb.extra
+        extra_row = {p: j for j, p in enumerate(outside)}
+        for i in (exclude < 0).nonzero().flatten().tolist():
+            q_feats[i] = emb.extra[extra_row[q_files[i]]]
     else:
         if n_queries > n:
             raise ValueError(f"{what}: --n-queries {n_queries} is more than the {n} images in {folder}")
