@@ -191,6 +191,46 @@ def test_two_processes_pretrain_a_resnet_rank0_writes_and_resume_is_exact(tmp_pa
     assert (tmp_path / "full" / "eval" / "knn.json").is_file()
 
 
+def _budget_worker(rank: int, port: int, cfg, step_s: tuple[float, ...]) -> None:
+    """A budgeted run whose ranks' clocks differ: each rank's step "takes" step_s[rank]."""
+    import byol.train.loop as loop
+
+    t, step = [1000.0], loop.train_step
+
+    def timed_step(*args, **kwargs):
+        t[0] += step_s[rank]
+        return step(*args, **kwargs)
+
+    loop.now, loop.train_step = (lambda: t[0]), timed_step
+    _pretrain_worker(rank, port, [(cfg, None)])
+
+
+def test_a_budget_under_two_processes_follows_rank_0s_clock(tmp_path):
+    from byol.train.budget import BudgetMeter
+
+    # a 30 s budget: the 10-step window is shorter than 5% of it on both ranks, and each rank's own
+    # clock would extend it to other steps (rank 0 to step 18, rank 1 to 25): a hang, unless
+    # every rank measures with rank 0's clock
+    step_s = (0.1, 0.07)
+    cfg = _cfg(tmp_path, "budget", "train.budget=30s", "eval.final_knn=false", "eval.online_linear=false")
+    ctx = mp.spawn(_budget_worker, args=(_free_port(), cfg, step_s), nprocs=WORLD, join=False)
+    for _ in range(60):  # 5 minutes at most: a hang fails the test instead of the suite
+        if ctx.join(timeout=5):
+            break
+    else:
+        for proc in ctx.processes:
+            proc.kill()
+        pytest.fail("the two ranks did not finish a budgeted run (a collective out of step)")
+    meter = BudgetMeter(30.0, start_step=0)
+    fixed = next(f for f in (meter.after_step(s, s * step_s[0]) for s in range(1, 400)) if f is not None)
+    assert fixed.step > 13  # the window was extended
+    summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
+    assert summary["finished"] and summary["total_steps"] == summary["step"]
+    # rank 0's total (300 at 0.1 s a step; within one step: the fake clock's float sums); rank
+    # 1's clock would have planned about 428
+    assert abs(summary["total_steps"] - fixed.total) <= 1
+
+
 def test_torchrun_command_line(tmp_path):
     """The documented launch line: torchrun --nproc-per-node 2 -m byol pretrain ... (gloo, CPU)."""
     import subprocess

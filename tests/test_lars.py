@@ -350,3 +350,14 @@ def test_predictor_lr_scale_one_keeps_the_two_groups():
     groups = build_optimizer("lars", model, lr=0.1, weight_decay=WD, predictor_lr_scale=1.0).param_groups
     assert [(g["weight_decay"], g["lars_adapt"]) for g in groups] == [(WD, True), (0.0, False)]
     assert all("lr_scale" not in g for g in groups)
+
+
+def test_a_run_builds_its_optimizer_with_the_configs_predictor_lr_scale():
+    from byol.config import load_config
+    from byol.train.setup import build_model_and_optimizer
+    from conftest import TINY
+
+    model, opt = build_model_and_optimizer(load_config(None, [*TINY, "optim.predictor_lr_scale=10"]),
+                                           torch.device("cpu"))
+    scaled = {id(p) for g in opt.param_groups if g.get("lr_scale") == 10.0 for p in g["params"]}
+    assert scaled == {id(p) for p in model.predictor.parameters()}

@@ -130,7 +130,10 @@ class Budget:
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)  # the steps queued so far are done: the clock is true
         clock.fold()
-        fixed = distributed.broadcast_object(self.meter.after_step(state.step, state.elapsed_s))
+        # rank 0's clock on every rank: each rank's meter then extends its window to the same steps
+        # and fixes the same total (their own clocks differ a little, and a rank that asks for the
+        # time at another step than the others would wait in this broadcast forever)
+        fixed = self.meter.after_step(state.step, distributed.broadcast_object(state.elapsed_s))
         if fixed is None:
             return
         self.meter, state.planned_steps = None, fixed.total
