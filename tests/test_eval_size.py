@@ -49,3 +49,21 @@ def test_a_run_evaluates_and_exports_at_eval_size(tmp_path, capsys):
     assert (result.run_dir / "eval" / "knn.json").is_file()  # the final kNN ran on 24-px images
     info = export_encoder(result.run_dir, tmp_path / "enc.safetensors")
     assert info["image_size"] == 24  # a deployed encoder is fed what it was evaluated on
+
+
+def test_a_named_backbone_that_takes_one_size_fails_before_training():
+    from byol.train.setup import build_model_and_optimizer
+
+    named = ["model.width=1", "model.cifar_stem=false", "augment.eval_size=32"]
+    # pit (a pooling transformer, not in the transformer name list) trains at 24 px but not 32
+    cfg = load_config(None, [*TINY, "augment.size=24", "model.backbone=timm/pit_ti_224", *named])
+    with pytest.raises(ConfigError) as err:
+        build_model_and_optimizer(cfg, torch.device("cpu"))
+    msg = str(err.value)
+    assert msg.startswith("config: augment.eval_size=32: timm/pit_ti_224 does not take 32-px images (")
+    assert "\n" not in msg
+    # a convnet takes any size: built, in training mode, its weights as drawn
+    cfg = load_config(None, [*TINY, "augment.size=24", "model.backbone=torchvision/resnet18", *named])
+    torch.manual_seed(0)
+    model, _ = build_model_and_optimizer(cfg, torch.device("cpu"))
+    assert model.encoder.training

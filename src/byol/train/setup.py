@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from byol.config import Config
+from byol.config import Config, ConfigError
 from byol.data.pipeline import memory_format_of
 from byol.models.build import bn_free_init, build_model, init_encoders
-from byol.models.named import is_convolutional
+from byol.models.named import is_convolutional, is_named
 from byol.optim import build_optimizer
 from byol.train.calibrate import calibration_batch
 
@@ -25,6 +25,7 @@ def build_model_and_optimizer(cfg: Config, device: torch.device, data=None, *, i
     if init:
         model = init_encoders(model, cfg)  # model.init: online and target
     model = model.to(device, memory_format=memory_format)
+    check_eval_size(model.encoder, cfg, device)
     if calibrate:
         bn_free_init(model, calibration_batch(cfg, data, device, memory_format), cfg.model.bn_free_heads)
     optimizer = build_optimizer(
@@ -33,3 +34,23 @@ def build_model_and_optimizer(cfg: Config, device: torch.device, data=None, *, i
         predictor_lr_scale=cfg.optim.predictor_lr_scale,
     )
     return model, optimizer
+
+
+def check_eval_size(encoder: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+    """A named backbone evaluated at another size than it trains at (``augment.eval_size``): one
+    forward of blank images at that size now, so that a model that takes one image size fails
+    before training, in one line, not at its first evaluation. Eval mode, no gradient: no weight,
+    statistic or random number changes."""
+    aug, backbone = cfg.augment, cfg.model.backbone
+    if not is_named(backbone) or aug.eval_px == aug.size:
+        return
+    was_training = encoder.training
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.zeros(2, 3, aug.eval_px, aug.eval_px, device=device))
+    except Exception as e:  # the model's own complaint, first line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"config: augment.eval_size={aug.eval_px}: {backbone} does not take "
+                          f"{aug.eval_px}-px images ({reason}); set it to augment.size={aug.size}") from None
+    finally:
+        encoder.train(was_training)
