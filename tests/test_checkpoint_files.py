@@ -237,5 +237,5 @@ def test_a_full_disk_when_resuming_is_one_line_and_exit_4(tmp_path, monkeypatch,
     capsys.readouterr()
     assert main(["pretrain", "--resume", str(run)]) == 4
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "No space left on device" in err and "are intact" in err
+    assert err.count("\n") == 0 and "no space left on device" in err and "are intact" in err
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3

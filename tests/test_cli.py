@@ -205,3 +205,24 @@ def test_eval_knn_bad_inputs(tmp_path, capsys):
     _expect_error(capsys, ["eval", "knn", str(tmp_path / "t.pt")], "not a byol checkpoint")
     (tmp_path / "empty_run").mkdir()
     _expect_error(capsys, ["eval", "knn", str(tmp_path / "empty_run")], "no checkpoint")
+
+
+def test_a_folder_or_file_named_like_a_builtin_config_never_shadows_it(tmp_path, monkeypatch, capsys):
+    """A bare --config name is the built-in config; a path is a file (issue: a subfolder named
+    `auto` in the working directory stopped `byol pretrain data.path=...` with 'auto is a folder')."""
+    from byol.config import resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "auto").mkdir()  # e.g. a folder of photos named auto
+    (tmp_path / "demo").write_text("not: [a config\n")  # a file named like a built-in
+    builtin = Path(resolve_config_path("auto"))
+    assert builtin.name == "auto.yaml" and builtin.parent.name == "configs" and builtin.is_file()
+    assert Path(resolve_config_path("demo")).parent.name == "configs"
+    # written as a path, the local one is taken
+    assert resolve_config_path("./demo") == Path("./demo")
+    (tmp_path / "mine.yaml").write_text("optim: {epochs: 1}\n")
+    assert resolve_config_path("mine.yaml") == Path("mine.yaml")
+    # the default (auto) reaches the data check, not the folder named auto
+    _expect_error(capsys, ["pretrain", f"data.path={tmp_path / 'nope'}"], "nope")
+    # a config given as a path that is a folder is still named in one line
+    _expect_error(capsys, ["pretrain", "--config", "./auto", "data.dataset=shapes"], "auto is a folder")

@@ -18,12 +18,49 @@ the umask), so the target gets the permissions a plain ``open(path, "w")`` would
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
+# The storage refused the data: full, over quota, read-only, or a file over the file system's limit.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+# The same refusal as a layer under Python reports it without an errno: safetensors' Rust writer
+# ("... (os error 28)"), numpy's short write ("N requested and M written"), torch's zip writer
+# ("[enforce fail at inline_container.cc] unexpected pos ..." or "file write failed"), which it
+# raises after the file object's OSError, so the OSError may only be its context.
+_REFUSAL_TEXT = re.compile(r"os error (?:28|122|30|27)\b|no space left on device|disk quota exceeded|"
+                           r"read-only file system|file too large|requested and \d+ written|"
+                           r"inline_container\.cc.*unexpected pos|file write failed", re.IGNORECASE)
+
+
+def _chain(exc: BaseException):
+    """``exc`` and the exceptions it was raised from or while handling (as a traceback shows them)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ if exc.__cause__ is not None else (
+            None if exc.__suppress_context__ else exc.__context__)
+
+
+def refused_write(exc: BaseException) -> str | None:
+    """Why the storage refused a write, when ``exc`` says so in whatever layer raised it (an
+    OSError with a disk errno, also as the context of torch's zip-writer error, or the text of a
+    writer that keeps no errno); None for any other error. Lower case, e.g. "no space left on device"."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return os.strerror(e.errno).lower()
+    for e in _chain(exc):
+        text = str(e)
+        if _REFUSAL_TEXT.search(text):
+            if re.search(r"os error 28\b|no space left", text, re.IGNORECASE):
+                return os.strerror(errno.ENOSPC).lower()
+            return "the write was cut short (a full disk or a file system limit)"
+    return None
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -31,11 +31,13 @@ from byol.cli.look import add_look_parsers
 from byol.cli.report import add_report_parsers
 from byol.cli.sweep import add_sweep_parsers
 from byol.cli.train import add_train_parsers
+from byol.files import refused_write
 from byol.train.checkpoint import CheckpointWriteError
 from byol.train.guard import TrainingDiverged
 
 # Exit codes: 0 done (or stopped by train.max_steps), 2 a mistake in the input, 3 the run
-# diverged (non-finite loss or weights), 4 a checkpoint could not be written, 130 interrupted.
+# diverged (non-finite loss or weights), 4 the storage refused a write (a checkpoint, or any
+# output: disk full, quota, read-only, file too large), 130 interrupted.
 EXIT_DIVERGED, EXIT_CHECKPOINT_WRITE = 3, 4
 
 
@@ -80,4 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("byol: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk under an export, an embedding, a shard, an evaluation
+        why = refused_write(exc)
+        if why is None or os.environ.get("BYOL_DEBUG"):
+            raise
+        print(f"byol: error: cannot write {_written_file(exc)}: {why}; files written before are intact "
+              "(free space, then run the command again)", file=sys.stderr)
+        return EXIT_CHECKPOINT_WRITE
+
+
+def _written_file(exc: BaseException) -> str:
+    """The file a refused write was for, when an OSError in the chain names it."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.filename:
+            return str(exc.filename)
+        exc = exc.__cause__ or exc.__context__
+    return "the output"
 

@@ -94,8 +94,10 @@ def add_train_parsers(sub) -> None:
                        formatter_class=FMT,
                        description="Pretrain an encoder with BYOL. Overrides are section.key=value "
                                    "(values parsed as YAML) and win over the config file.")
-    p.add_argument("--config", help=f"YAML file or built-in name ({', '.join(builtin_configs())}); default: auto "
-                                    "(settings chosen from the data and the device)")
+    p.add_argument("--config", help=f"built-in name ({', '.join(builtin_configs())}) or YAML file; default: auto "
+                                    "(settings chosen from the data and the device). A bare name (no slash, no "
+                                    "suffix) is always the built-in config, even where a file or folder of that "
+                                    "name exists; give a file as a path (./auto.yaml, my.yaml, dir/x.yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from checkpoints/last.pt")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_pretrain)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from byol.data.errors import DataError
-from byol.files import atomic_path
+from byol.files import atomic_path, refused_write
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -238,10 +238,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
-def _reason(e: OSError) -> str:
-    return "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-
-
 def _copy(src: Path, dst: Path) -> None:
     """A durable, atomic copy (not a hard link: a later in-place write to one name, e.g.
     ``cp x last.pt``, must not change the other)."""
@@ -267,20 +263,40 @@ def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | 
     try:  # the temp file is .last.pt.<random>.tmp, as tests/faults.py expects
         with atomic_path(last, before_replace=rotate) as tmp, open(tmp, "wb") as f:
             torch.save(sealed, f)
-    except OSError as e:
-        if rotating:  # a rename failed, not the write: not the disk refusing data
+    except Exception as e:  # torch's zip writer raises its own RuntimeError after the OSError
+        why = _refusal(e)
+        if rotating or why is None:  # a rename failed, not the write, or not the disk at all
             raise
         kept = f"{last} is intact" if last.exists() else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"cannot write a checkpoint in {ckpt_dir}: {_reason(e)}; {kept}",
-                                   e.errno) from None
+        raise CheckpointWriteError(f"cannot write a checkpoint in {ckpt_dir}: {why}; {kept}",
+                                   _errno(e)) from None
     if keep_as is not None:
         kept = ckpt_dir / keep_as
         try:
             _copy(last, kept)
-        except OSError as e:
-            raise CheckpointWriteError(f"cannot keep {kept}: {_reason(e)}; {last} is intact",
-                                       e.errno) from None
+        except Exception as e:
+            why = _refusal(e)
+            if why is None:
+                raise
+            raise CheckpointWriteError(f"cannot keep {kept}: {why}; {last} is intact", _errno(e)) from None
     return last
+
+
+def _refusal(e: BaseException) -> str | None:
+    """Why a checkpoint write failed, when the storage refused it (``byol.files.refused_write``);
+    any other OSError of the write too (a vanished folder, an I/O error): the previous checkpoint
+    is intact all the same, and the run must stop with the one line."""
+    why = refused_write(e)
+    if why is None and isinstance(e, OSError):
+        why = e.strerror or str(e)
+    return why
+
+
+def _errno(e: BaseException) -> int | None:
+    for x in (e, e.__context__, e.__cause__):
+        if isinstance(x, OSError) and x.errno is not None:
+            return x.errno
+    return None
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:

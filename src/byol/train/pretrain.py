@@ -10,7 +10,6 @@ train/checkpoint.py (checkpoints).
 from __future__ import annotations
 
 import contextlib
-import errno
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from byol.data.pretrain import build_pretrain_data
 from byol.data.sources import heldout_split, open_images
 from byol.data.workers import default_workers
 from byol.eval.knn import evaluate_knn
+from byol.files import refused_write
 from byol.train.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointWriteError,
@@ -45,9 +45,6 @@ from byol.train.rundir import open_new_run, start_summary, truncate_metrics, wri
 from byol.train.runtime import Runtime, start_runtime
 from byol.train.setup import build_model_and_optimizer
 from byol.train.state import TrainState
-
-# The disk refused a write: a full disk, a quota, a read-only file system.
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass
@@ -97,11 +94,15 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
                 held.enter_context(_run_lock(run_dir))
             result.run_dir, result.step = run_dir, state.step
             _run(cfg, state, data, rt, run_dir, result, chosen, resumed=resume is not None)
-    except OSError as e:  # the disk refused a write anywhere in the run: one line, exit 4
-        if e.errno not in _DISK_ERRNOS:
+    except (CheckpointWriteError, TrainingDiverged, KeyboardInterrupt):
+        raise
+    except Exception as e:  # the disk refused a write anywhere in the run, in any layer: one line, exit 4
+        why = refused_write(e)
+        if why is None:
             raise
-        raise CheckpointWriteError(f"cannot write in {result.run_dir}: {e.strerror}; the checkpoints in "
-                                   f"{result.run_dir / CHECKPOINT_DIR} are intact", e.errno) from None
+        raise CheckpointWriteError(f"cannot write in {result.run_dir}: {why}; the checkpoints in "
+                                   f"{result.run_dir / CHECKPOINT_DIR} are intact",
+                                   getattr(e, "errno", None)) from None
     return result
 
 
