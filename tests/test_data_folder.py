@@ -11,12 +11,9 @@ from PIL import Image
 
 from byol.data.decode import check_file, decode_image
 from byol.data.errors import DataError
-from byol.data.folder import (
-    ImageFolderDataset,
-    split_per_class,
-    write_skipped,
-)
+from byol.data.folder import ImageFolderDataset, split_per_class
 from byol.data.scan import IMAGE_EXTENSIONS, scan_folder
+from byol.data.skips import write_skipped
 
 
 def _write(path: Path, colour=(200, 30, 60), size=(6, 5), mode="RGB") -> Path:

@@ -26,9 +26,10 @@ from byol.config.sections import ConfigError
 from byol.data import folder as folder_module
 from byol.data.decode import check_file, decode_image
 from byol.data.errors import DataError
-from byol.data.folder import ImageFolderDataset, scan_folder, write_skipped
+from byol.data.folder import ImageFolderDataset, scan_folder
 from byol.data.headers import DEFAULT_MAX_PIXELS, read_header
 from byol.data.pipeline import DeviceViews
+from byol.data.skips import write_skipped
 from byol.data.sources import open_images
 from byol.data.transforms import make_eval_transform, make_views
 

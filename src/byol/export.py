@@ -38,7 +38,7 @@ from byol.augment.views import IMAGENET_MEAN, IMAGENET_STD
 from byol.data.errors import DataError
 from byol.data.transforms import eval_crop_fraction
 from byol.deploy import DEPLOY_SAVERS
-from byol.files import atomic_path, atomic_write_text
+from byol.files import atomic_path, atomic_write_text, sha256_file
 from byol.models.backbones import PADDINGS, RESNET_SPECS, resnet
 from byol.models.named import TIMM_MISSING, is_named, named_backbone, split_backbone
 from byol.models.norms import BACKBONE_NORMS
@@ -284,7 +284,6 @@ def export_as_run(path: str | os.PathLike):
     holding ``.encoder``, no run directory (results are printed, not written) and the file's
     sha256 as its identity (the fast linear eval's feature cache keys on it). It has no data of
     its own: evaluate it on --train and --test folders."""
-    import hashlib
 
     from byol.config import config_from_dict
     from byol.eval.commands import LoadedRun
@@ -304,8 +303,4 @@ def export_as_run(path: str | os.PathLike):
     cfg = config_from_dict({"model": model, "augment": augment})
     holder = nn.Module()
     holder.encoder = encoder
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return LoadedRun(cfg, holder, path, None, int(meta.get("step") or 0), None, h.hexdigest())
+    return LoadedRun(cfg, holder, path, None, int(meta.get("step") or 0), None, sha256_file(path))

@@ -21,6 +21,7 @@ from byol.data.decode import check_file, decode_image
 from byol.data.errors import DataError
 from byol.data.headers import DEFAULT_MAX_PIXELS
 from byol.data.scan import scan_folder
+from byol.data.skips import SkipRecords
 
 
 def _validate_args(bad_files: str, verify: str, limit: int | None,
@@ -61,7 +62,7 @@ def _decode_reason(error: DataError, path: Path) -> str:
     return str(error).removeprefix(f"cannot decode image {path}: ")
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class ImageFolderDataset(SkipRecords, torch.utils.data.Dataset):
     """Images of a folder (see ``scan_folder``) as ``(sample, label)`` pairs.
 
     ``sample`` is ``transform(uint8 [3, H, W])`` (the raw uint8 tensor without a transform);
@@ -77,7 +78,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     ``"fail"`` raises DataError naming the first one. A file that passes the quick check but
     fails to decode in ``__getitem__`` is handled the same way at load time (skip: the next
     decodable index is returned instead). Inside DataLoader workers these load-time entries go
-    to each worker's copy of ``skipped``; they are not seen by the main process.
+    to each worker's copy of ``skipped``; after ``share_skips`` they reach the main process's
+    ``collect_skipped`` (``byol.data.skips``).
     """
 
     def __init__(self, root: str | os.PathLike, *, bad_files: str = "skip",
@@ -116,7 +118,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self.bad_files == "fail":
             raise DataError(f"bad image file {path}: {reason} "
                             "(set data.bad_files=skip to skip such files)")
-        self.skipped.append((str(path), reason))
+        self._note_skip(str(path), reason)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -140,15 +142,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             label = self.labels[j] if self.labels is not None else -1
             return (self.transform(img) if self.transform is not None else img), label
         raise DataError(f"data.path: no image under {self.root} could be decoded")
-
-
-def write_skipped(skipped: Sequence[tuple[str, str]], path: str | os.PathLike) -> None:
-    """Write ``path<TAB>reason`` lines (one per skipped file) to ``path``, e.g. in a run dir."""
-    with open(path, "w", encoding="utf-8") as f:
-        for record in skipped:
-            # A tab or newline inside a field would break the one-record-per-line format.
-            file, reason = (" ".join(str(x).replace("\t", " ").splitlines()) for x in record)
-            f.write(f"{file}\t{reason}\n")
 
 
 def split_per_class(labels: Sequence[int], fraction: float,

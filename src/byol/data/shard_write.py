@@ -11,7 +11,6 @@ shard's size still matches.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,17 +22,9 @@ import numpy as np
 from byol.data.errors import DataError
 from byol.data.folder import ImageFolderDataset
 from byol.data.shards import MANIFEST
-from byol.files import atomic_path, atomic_write_text
+from byol.files import atomic_path, atomic_write_text, sha256_file
 
 FORMAT = "byol-shards/1"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -88,7 +79,7 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, *, shard_siz
                         _add(tf, f"{i:08d}.cls", str(label).encode())
             if images.labels is None:
                 index["labels"] = None
-            shards.append({"name": name, "samples": len(index["names"]), "sha256": _sha256(tmp),
+            shards.append({"name": name, "samples": len(index["names"]), "sha256": sha256_file(tmp),
                            "bytes": tmp.stat().st_size, "index": index})
     manifest = {"format": FORMAT, "shards": shards, "classes": images.classes if images.labels is not None else [],
                 "total": sum(s["samples"] for s in shards), "skipped": [list(s) for s in images.skipped]}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tarfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +29,9 @@ from byol.data.decode import decode_bytes as _decode_bytes
 from byol.data.errors import DataError
 from byol.data.folder import _limit_indices, _validate_args
 from byol.data.headers import DEFAULT_MAX_PIXELS, HEAD_BYTES, header_kind
-from byol.data.scan import IMAGE_EXTENSIONS
 from byol.data.seeded import SeededSamples
+from byol.data.shard_index import CONTENT_DIFFERS, Row, checked_index, walk_tar
+from byol.data.skips import SkipRecords
 
 MANIFEST = "manifest.json"
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -57,9 +57,9 @@ def expand_shards(path: str | os.PathLike) -> list[Path]:
             raise DataError(f"data.path: empty shard range {{{lo}..{hi}}} in {text}")
         width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         files = [Path(text[:m.start()] + f"{k:0{width}d}" + text[m.end():]) for k in range(int(lo), int(hi) + 1)]
-    elif Path(text).is_dir():
+    elif Path(text).is_dir():  # the shards present; those the manifest lists are checked by the reader
         files = sorted(Path(text).glob("*.tar"))
-        if not files:
+        if not files and not (Path(text) / MANIFEST).is_file():
             raise DataError(f"data.path: no .tar shards in folder {text}")
     else:
         files = [Path(text)]
@@ -81,6 +81,11 @@ def read_manifest(folder: Path) -> dict | None:
         raise DataError(f"data.path: cannot read shard manifest {p}: {e}") from None
 
 
+def _listed_names(entry: dict) -> list | None:
+    index = entry.get("index")
+    return index.get("names") if isinstance(index, dict) else None
+
+
 def check_bytes(data: bytes) -> str | None:
     """``check_file`` on an image's bytes: None when they look like a whole image, else why."""
     if not data:
@@ -97,14 +102,7 @@ def decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> to
     return _decode_bytes(data, max_pixels)
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset's key and extension of a member name: ``a/b.c.jpg`` -> (``a/b``, ``c.jpg``)."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-class ShardDataset(torch.utils.data.Dataset):
+class ShardDataset(SkipRecords, torch.utils.data.Dataset):
     """The images of tar shards as ``(uint8 [3, H, W], label)``; label -1 when unlabelled.
 
     ``labels`` (None unless every sample has a ``.cls``), ``classes`` (from the manifest, else
@@ -112,7 +110,8 @@ class ShardDataset(torch.utils.data.Dataset):
     reason)``) as ``ImageFolderDataset`` has them. Bad samples follow ``bad_files``: found at
     opening (no image member, a ``.cls`` that is not an integer, an unreadable tar; with
     ``verify="full"`` every image is decoded too) or at loading (an image that does not decode:
-    skip takes the next decodable sample, recorded in that process's ``skipped``); ``"fail"``
+    skip takes the next decodable sample, recorded in that process's ``skipped`` and, after
+    ``share_skips``, collected from loader workers by ``collect_skipped``); ``"fail"``
     raises DataError naming shard and member.
     """
 
@@ -126,14 +125,17 @@ class ShardDataset(torch.utils.data.Dataset):
         self._files: dict[int, object] = {}  # shard -> open file, per process
         self._pid = os.getpid()
         self._bad_at_load: set[int] = set()
-        manifest = read_manifest(self.shards[0].parent)
+        folder = Path(path) if Path(self.path).is_dir() else self.shards[0].parent
+        manifest = read_manifest(folder)
+        listed = {e.get("name"): e for e in (manifest or {}).get("shards", []) if isinstance(e, dict)}
+        self._check_listed_shards(folder, listed)
         samples: list[tuple[int, str, int, int]] = []  # (shard, member, offset, size)
         cls: list[int | None] = []
-        indexed = {e.get("name"): e for e in (manifest or {}).get("shards", []) if isinstance(e, dict)}
         for s, shard in enumerate(self.shards):
-            for member, offset, size, label in self._index(shard, indexed.get(shard.name)):
+            for member, offset, size, label in self._index(shard, listed.get(shard.name), verify == "full", seed):
                 samples.append((s, member, offset, size))
                 cls.append(label)
+        self.found = len(samples)
         keep = _limit_indices(len(samples), limit, seed)
         samples, cls = [samples[i] for i in keep], [cls[i] for i in keep]
         if verify == "full":
@@ -151,51 +153,54 @@ class ShardDataset(torch.utils.data.Dataset):
             names = [str(c) for c in range(max(self.labels) + 1)]
         self.classes: list[str] = names if labelled else []
 
+    def _check_listed_shards(self, folder: Path, listed: dict[str, dict]) -> None:
+        """``listed_samples``: what the manifest lists for the shards ``data.path`` covers (every
+        shard it lists, for a folder; None without a manifest); ``unlisted``: the shards read that
+        it does not list. A listed shard missing from a folder is a bad sample of ``bad_files``."""
+        self.manifest = folder / MANIFEST if listed else None
+        self.unlisted = [p for p in self.shards if listed and p.name not in listed]
+        present = {p.name for p in self.shards}
+        covered = listed if Path(self.path).is_dir() else {n: e for n, e in listed.items() if n in present}
+        self.listed_samples = sum(int(e.get("samples") or 0) for e in covered.values()) if listed else None
+        for name, entry in covered.items():
+            if name not in present:
+                self._record_bad(str(folder / name), f"missing shard: {MANIFEST} lists it with "
+                                                     f"{entry.get('samples')} samples")
+
+    def describe(self) -> str:
+        """One line for the start summary: the samples read, against what the manifest lists."""
+        n, shards = len(self), f"{len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}"
+        if self.listed_samples is None:
+            return f"{n} samples in {shards} (no {MANIFEST}: indexed from the tar headers)"
+        line = f"{n} samples in {shards}, of the {self.listed_samples} that {self.manifest} lists"
+        if self.found != n:
+            line += f" ({self.found} found)"
+        if self.unlisted:
+            line += f"; {len(self.unlisted)} shard(s) it does not list (indexed from their headers)"
+        return line + (f"; {len(self.skipped)} problem(s) listed in skipped_files.tsv" if self.skipped else "")
+
     def _record_bad(self, where: str, reason: str) -> None:
         if self.bad_files == "fail":
             raise DataError(f"bad sample {where}: {reason} (set data.bad_files=skip to skip such samples)")
-        self.skipped.append((where, reason))
+        self._note_skip(where, reason)
 
-    def _index(self, shard: Path, entry: dict | None) -> list[tuple[str, int, int, int | None]]:
-        """(image member, data offset, size, label or None) of each sample of ``shard``, in order:
-        from its manifest ``entry`` when that describes a file of this size, else from the tar."""
-        index = (entry or {}).get("index")
-        if index and entry.get("bytes") == shard.stat().st_size:
-            labels = index["labels"] or [None] * len(index["names"])
-            return list(zip(index["names"], index["offsets"], index["sizes"], labels))
-        groups: dict[str, dict[str, tuple[int, int, str]]] = defaultdict(dict)
-        texts: dict[str, str] = {}  # key -> its .cls text
-        order: list[str] = []
-        try:
-            with tarfile.open(shard, "r:") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    key, ext = _split_key(m.name)
-                    if key not in groups:
-                        order.append(key)
-                    groups[key][ext] = (m.offset_data, m.size, m.name)
-                    if ext == "cls":
-                        texts[key] = tf.extractfile(m).read().decode("utf-8", "replace")
-        except (tarfile.TarError, OSError, EOFError) as e:  # keep what was read before the damage
-            self._record_bad(str(shard), f"unreadable tar: {e}")
-        out = []
-        for key in order:
-            g = groups[key]
-            image = next((e for e in g if f".{e}" in IMAGE_EXTENSIONS), None)
-            if image is None:
-                self._record_bad(f"{shard}:{key}", f"no image member (has {', '.join(sorted(g))})")
-                continue
-            offset, size, name = g[image]
-            label = None
-            if key in texts:
-                text = texts[key].strip()
-                if not re.fullmatch(r"\d+", text):
-                    self._record_bad(f"{shard}:{key}.cls", f"label is not a non-negative integer: {text[:20]!r}")
-                    continue
-                label = int(text)
-            out.append((name, offset, size, label))
-        return out
+    def _index(self, shard: Path, entry: dict | None, full: bool, seed: int) -> list[Row]:
+        """The samples of ``shard``: its manifest ``entry``'s index when the tar agrees with it
+        (``checked_index``), else the tar's headers, every bad member and a disagreement with
+        the manifest following ``bad_files``."""
+        why = ""
+        if entry is not None:
+            rows, why = checked_index(shard, entry, full=full, seed=seed)
+            if rows is not None:
+                return rows
+        rows, problems = walk_tar(shard)
+        for where, reason in problems:
+            self._record_bad(where, reason)
+        if entry is not None and (why == CONTENT_DIFFERS or [r[0] for r in rows] != _listed_names(entry)):
+            listed = _listed_names(entry)
+            self._record_bad(str(shard), f"disagrees with {MANIFEST}: {why}; the tar holds {len(rows)} usable "
+                                         f"samples, {MANIFEST}'s index lists {len(listed or [])}")
+        return rows
 
     def _full_check(self, sample: tuple[int, str, int, int]) -> bool:
         try:

@@ -11,7 +11,6 @@ L2-normalised y (numpy SVD, no extra dependency). Same inputs and seed: same pic
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ from byol.embed import _Decoded, _open_encoder, encoder_transform
 from byol.eval.cache import cached_features
 from byol.eval.data import fingerprint
 from byol.export import _run_encoder, is_encoder_file
-from byol.files import atomic_path, atomic_write_text
+from byol.files import atomic_path, atomic_write_text, sha256_file
 from byol.train.runtime import resolve_device
 
 CELL = 112  # pixels per grid cell of the neighbours figure: a thumbnail and its caption
@@ -54,14 +53,6 @@ class Embedded(NamedTuple):
     extra: torch.Tensor
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _encoder(source: str | os.PathLike, dev: torch.device, what: str):
     """-> (encoder, its byol_meta, identity for the cache key, cache dir) of an encoder file or a run."""
     path = Path(source)
@@ -69,7 +60,7 @@ def _encoder(source: str | os.PathLike, dev: torch.device, what: str):
         if not path.is_file():
             raise DataError(f"{what}: encoder file not found: {path}")
         encoder, meta = _open_encoder(path, dev)
-        return encoder, meta, {"encoder_sha256": _sha256(path)}, path.parent / "feature_cache"
+        return encoder, meta, {"encoder_sha256": sha256_file(path)}, path.parent / "feature_cache"
     if not path.exists():
         raise DataError(f"{what}: encoder or run not found: {path}")
     from byol.eval.commands import load_checkpoint_run

@@ -10,7 +10,9 @@ train/checkpoint.py (checkpoints).
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +24,8 @@ from byol.config import Config, ConfigError, config_to_dict, replace, save_confi
 from byol.config.loading import leading_comments
 from byol.config.sections import auto_keys
 from byol.data.errors import DataError
-from byol.data.folder import write_skipped
 from byol.data.pretrain import build_pretrain_data
+from byol.data.skips import read_skipped, unique, write_skipped
 from byol.data.sources import heldout_split, open_images
 from byol.data.workers import default_workers
 from byol.eval.knn import evaluate_knn
@@ -106,6 +108,40 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
     return result
 
 
+SKIPPED = "skipped_files.tsv"
+SHARED_SKIPS = ".skipped"  # the loader processes' records until they reach skipped_files.tsv
+
+
+def _write_skipped(run_dir: Path, records) -> list:
+    """skipped_files.tsv := its records so far (an earlier session's) + ``records``, each once."""
+    merged = unique([*read_skipped(run_dir / SKIPPED), *records])
+    if merged:
+        write_skipped(merged, run_dir / SKIPPED)
+    return merged
+
+
+def _share_skips(source, run_dir: Path, rt: Runtime) -> Path | None:
+    """Where this process and its loader workers record the samples they skip (byol.data.skips):
+    RUN/.skipped on rank 0 (a killed session's records stay there for its resume), a temporary
+    folder on the other ranks (whose run directory may be on another machine)."""
+    if not hasattr(source, "share_skips"):
+        return None
+    folder = run_dir / SHARED_SKIPS if rt.main else Path(tempfile.mkdtemp(prefix=f"byol-skipped-rank{rt.rank}-"))
+    source.share_skips(folder)
+    return folder
+
+
+def _collect_skips(source, shared: Path | None, run_dir: Path, rt: Runtime) -> list:
+    """Every rank's skipped samples (its own and its workers'), merged into rank 0's
+    skipped_files.tsv; -> the merged records (on rank 0; [] elsewhere). Every rank calls it."""
+    mine = source.collect_skipped() if hasattr(source, "collect_skipped") else list(getattr(source, "skipped", []))
+    everyone = unique(r for part in distributed.gather_objects(mine) for r in part)
+    merged = _write_skipped(run_dir, everyone) if rt.main else []
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)  # now in skipped_files.tsv
+    return merged
+
+
 def _check_micro_batches(cfg: Config, world: int) -> None:
     """Each rank's batch (optim.batch_size / processes) splits into optim.accumulate_steps
     micro-batches (of two samples at least with batch norm, which normalises each micro-batch by
@@ -126,10 +162,10 @@ def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, resul
     if rt.main:
         saved = run_dir / "config.yaml"  # a resume keeps the reasons of what auto chose at the start
         save_config(cfg, saved, leading_comments(saved) if resumed else auto_comments(chosen))
-        if data.skipped:
-            write_skipped(data.skipped, run_dir / "skipped_files.tsv")
+        _write_skipped(run_dir, data.skipped)
         print(start_summary(cfg, data, state.model, rt.device, rt.precision, rt.workers, run_dir,
                             state.step, chosen), flush=True)
+    shared = _share_skips(data.source, run_dir, rt)  # before any loader starts its workers
     if cfg.eval.initial_knn and data.bank is not None and state.step == 0 and rt.main:
         result.knn_init = _knn(cfg, state.model, data, rt)
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
@@ -146,13 +182,10 @@ def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, resul
         raise
     result.step, result.finished, result.interrupted = end.step, end.finished, end.interrupted
     result.diverged, result.collapsed_at = end.diverged, monitors.collapsed_at
-    skipped = list(getattr(data.source, "skipped", []))  # + files that failed to decode while loading
-    if rt.main and len(skipped) > len(data.skipped):
-        write_skipped(skipped, run_dir / "skipped_files.tsv")
-        result.skipped = skipped
     already_done = (run_dir / "eval" / "knn.json").is_file() and start_step == state.step
     if result.finished and cfg.eval.final_knn and monitors.can_evaluate() and not already_done and rt.main:
         final_eval(cfg, state, monitors, run_dir, result)
+    result.skipped = _collect_skips(data.source, shared, run_dir, rt)  # + those met while loading
     write_summary(cfg, state, run_dir, result, rt.device, rt.precision)
     distributed.barrier()
     if result.diverged is not None:

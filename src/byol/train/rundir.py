@@ -132,6 +132,7 @@ def start_summary(cfg, data, model, device, precision, workers, run_dir, step, c
     return (
         f"{start}: {run_dir}\n"
         f"  data:   {n_train} training images{held}\n"
+        + (f"  shards: {data.source.describe()}\n" if hasattr(data.source, "describe") else "") +
         f"  model:  {m.backbone}{shape}, {params:.2f}M encoder parameters"
         f"{''.join(', ' + e for e in extras)}\n"
         f"  augment: {cfg.augment.semantics} semantics, {cfg.augment.backend} backend, "
@@ -170,6 +171,7 @@ def write_summary(cfg, state, run_dir, result, device, precision) -> None:
         "device": str(device), "precision": precision,
         "diverged": result.diverged is not None, "diverged_at_step": (result.diverged or {}).get("step"),
         "last_good_checkpoint_step": (result.diverged or {}).get("last_good_step"),
+        "skipped_samples": len(result.skipped),  # skipped_files.tsv's records: bad files, members, shards
         "knn_top1": result.knn["top1"] if result.knn else None,
         "online_linear_top1": result.online_linear["top1"] if result.online_linear else None,
     })
