@@ -25,12 +25,51 @@ def test_precision_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch
     assert resolve_precision("auto", cpu) == "fp32"
 
 
+def _no_isa_cap(monkeypatch):
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_native_bf16_probe_follows_the_cpu_flags(monkeypatch):
+    _no_isa_cap(monkeypatch)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert runtime.cpu_has_native_bf16() is False
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert runtime.cpu_has_native_bf16() is torch.backends.mkldnn.is_available()
+
+
+def test_precision_auto_honours_an_instruction_set_cap_below_bf16(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (and the ATen and MKL caps) on a CPU with AMX: bf16 would be
+    emulated, so auto keeps fp32 and the start summary says why."""
+    _no_isa_cap(monkeypatch)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    cpu = torch.device("cpu")
+    assert runtime.isa_cap_without_bf16() is None and resolve_precision("auto", cpu) == "bf16"
+    for cap in ("ONEDNN_MAX_CPU_ISA=AVX2", "DNNL_MAX_CPU_ISA=avx512_core", "ATEN_CPU_CAPABILITY=avx2",
+                "MKL_ENABLE_INSTRUCTIONS=AVX2"):
+        name, value = cap.split("=")
+        monkeypatch.setenv(name, value)
+        assert runtime.isa_cap_without_bf16() == cap and resolve_precision("auto", cpu) == "fp32"
+        monkeypatch.delenv(name)
+    for native in ("ONEDNN_MAX_CPU_ISA=AVX512_CORE_AMX", "ONEDNN_MAX_CPU_ISA=avx512_core_bf16",
+                   "ATEN_CPU_CAPABILITY=default", "ATEN_CPU_CAPABILITY=avx512"):
+        name, value = native.split("=")
+        monkeypatch.setenv(name, value)
+        assert runtime.isa_cap_without_bf16() is None and resolve_precision("auto", cpu) == "bf16"
+        monkeypatch.delenv(name)
+
+
+def test_the_start_summary_says_an_isa_cap_kept_fp32(monkeypatch, tmp_path, capsys):
+    _no_isa_cap(monkeypatch)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    cfg = load_config(None, [*TINY, "data.dataset=shapes", "data.shapes_size=16", "data.val_fraction=0",
+                             "train.max_steps=1", f"train.out_dir={tmp_path}", "train.name=said"])
+    assert pretrain(cfg).step == 1
+    assert json.loads((tmp_path / "said" / "summary.json").read_text())["precision"] == "fp32"
+    assert "device: cpu (fp32: ONEDNN_MAX_CPU_ISA=AVX2 caps the instruction set below native bf16)" in \
+        capsys.readouterr().out
 
 
 def test_allocator_tuning_applies_on_linux_only(monkeypatch):

@@ -23,6 +23,7 @@ from byol.models.named import is_named
 from byol.optim.schedules import scaled_lr
 from byol.train.budget import MEASURE_FRACTION, MEASURE_STEPS, WARMUP_STEPS, parse_budget
 from byol.train.checkpoint import CHECKPOINT_DIR
+from byol.train.runtime import isa_cap_without_bf16
 
 
 def new_run_dir(out_dir: str, name: str | None, stem: str) -> Path:
@@ -140,10 +141,16 @@ def start_summary(cfg, data, model, device, precision, workers, run_dir, step, c
         f"  optim:  {cfg.optim.name}, batch {cfg.optim.batch_size}{micro}, {_length(cfg, steps)}, peak lr "
         f"{scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size):g}, tau {cfg.method.tau_base}"
         f"{' (constant)' if cfg.method.tau_schedule == 'constant' else ' -> 1'}\n"
-        f"  device: {device} ({precision}), {workers} loader workers"
+        f"  device: {device} ({precision}{_capped(cfg, device)}), {workers} loader workers"
         + "".join(f"\n  auto:   {c.line()}" for c in (chosen.choices if chosen else ()))
         + "".join(f"\n  note:   {n}" for n in (chosen.notes if chosen else ()))
     )
+
+
+def _capped(cfg, device) -> str:
+    """Why ``precision=auto`` kept fp32 on a CPU that has bf16, when an ISA cap is the reason."""
+    cap = isa_cap_without_bf16() if cfg.train.precision == "auto" and device.type == "cpu" else None
+    return f": {cap} caps the instruction set below native bf16" if cap else ""
 
 
 def _length(cfg, steps: int) -> str:

@@ -7,6 +7,7 @@ flag that turns SIGINT/SIGTERM (Ctrl-C, a preemption) into "finish this step, ch
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -28,10 +29,37 @@ def resolve_device(name: str, what: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+# The instruction-set caps a user (or a container) can set for the libraries torch computes with,
+# and the values under which bf16 is still native: oneDNN's convolutions and matmuls (its ISA names;
+# bf16 dot products from AVX512_CORE_BF16 on), ATen's own vectorised kernels, MKL's matmuls.
+_ISA_CAPS = {
+    "ONEDNN_MAX_CPU_ISA": ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
+                           "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT"),
+    "ATEN_CPU_CAPABILITY": ("avx512", "avx512_bf16", "avx512_vnni", "default"),
+    "MKL_ENABLE_INSTRUCTIONS": ("AVX512_E2", "AVX512_E3", "AVX512_E4", "AVX512_E5"),
+}
+_ISA_CAPS["DNNL_MAX_CPU_ISA"] = _ISA_CAPS["ONEDNN_MAX_CPU_ISA"]  # oneDNN's older name
+
+
+def isa_cap_without_bf16(environ=None) -> str | None:
+    """The environment setting (``NAME=VALUE``) that caps the instruction set below native bf16,
+    e.g. ``ONEDNN_MAX_CPU_ISA=AVX2``; None when nothing does. ``ATEN_CPU_CAPABILITY=default``
+    means "no cap" to ATen, so it does not count."""
+    env = os.environ if environ is None else environ
+    for name, native in _ISA_CAPS.items():
+        value = env.get(name, "").strip()
+        if value and value.upper() not in {v.upper() for v in native}:
+            return f"{name}={value}"
+    return None
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): oneDNN's bf16 kernels are
-    then faster than fp32 (measured 1.8x for the ResNet-18 step, docs/benchmarks.md); without
-    it bf16 is emulated and slower, so ``auto`` keeps fp32."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) and no environment setting
+    caps the instruction set below it (``isa_cap_without_bf16``): oneDNN's bf16 kernels are then
+    faster than fp32 (measured 1.8x for the ResNet-18 step, docs/benchmarks.md); without it bf16
+    is emulated and slower, so ``auto`` keeps fp32."""
+    if isa_cap_without_bf16() is not None:
+        return False
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
               getattr(torch.cpu, "_is_amx_tile_supported", None))
     try:
