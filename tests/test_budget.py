@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 import byol.train.loop as loop
 from byol.cli import main
 from byol.config import ConfigError, load_config
-from byol.train.budget import MEASURE_STEPS, WARMUP_STEPS, BudgetMeter, parse_budget
+from byol.train.budget import MEASURE_STEPS, REPLAN_BOUND, WARMUP_STEPS, BudgetMeter, Replanner, parse_budget
 from byol.train.checkpoint import find_checkpoint, load_checkpoint
 from byol.train.loop import Plan
 from byol.train.pretrain import pretrain
@@ -101,7 +102,7 @@ def test_budget_run_fixes_its_total_from_the_rate_and_saves_it(tmp_path, fake_cl
     out = capsys.readouterr().out
     assert result.finished and result.step == 20
     assert "time budget 10s" in out and "optim.epochs ignored" in out
-    assert "2 steps/s over 10 steps" in out and "20 steps in all" in out and "outside it" in out
+    assert "2 steps/s over 10 steps" in out and "20 steps in all" in out and "whole command" in out
     sd = _ckpt(result.run_dir)
     assert sd["extra"]["planned_steps"] == 20 and sd["step"] == 20
     rows = _rows(result.run_dir)
@@ -148,7 +149,7 @@ def test_byol_pretrain_with_a_real_three_second_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "time budget 3s" in out and "budget 3s:" in out
-    total = int(out.split(" steps in all")[0].rsplit("-> ", 1)[1])
+    total = int(out.rsplit(" steps in all", 1)[0].rsplit("-> ", 1)[1])  # the last plan (fixed or re-planned)
     sd = _ckpt(tmp_path / "cli")
     assert sd["extra"]["planned_steps"] == total and sd["step"] == total
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
@@ -177,3 +178,131 @@ def test_the_window_is_at_least_a_share_of_the_budget_so_a_slow_start_does_not_s
     steady = BudgetMeter(1000.0, start_step=0)
     fixed = next(f for f in (steady.after_step(s, s * STEP_S) for s in range(1, 200)) if f is not None)
     assert (fixed.step, fixed.rate, fixed.total) == (WARMUP_STEPS + 100, 2.0, 2000)  # 50 s at 2 steps/s
+
+
+# --- re-planning ---------------------------------------------------------------------------------
+
+def _simulate(budget_s: float, step_s, steps_cap: int = 100_000):
+    """A budgeted run on a simulated clock: ``step_s(t)`` is the time a step takes at time t.
+    -> (the step it ended at, the time it ended at, the totals it planned in order)."""
+    meter, replanner, total, t, step, totals = BudgetMeter(budget_s, 0), None, None, 0.0, 0, []
+    while step < (total if total is not None else steps_cap):
+        t += step_s(t)
+        step += 1
+        if meter is not None:
+            fixed = meter.after_step(step, t)
+            if fixed is not None:
+                meter, total = None, fixed.total
+                replanner = Replanner(budget_s, step, t, total)
+                totals.append(total)
+        elif replanner.wants_time(step):
+            replan = replanner.after_step(step, t, total)
+            if replan is not None:
+                left = replan.was - step
+                assert abs(replan.total - replan.was) <= math.ceil(REPLAN_BOUND * left)  # bounded
+                total = replan.total
+                totals.append(total)
+    return step, t, totals
+
+
+def test_a_steady_rate_is_never_replanned():
+    step, t, totals = _simulate(600.0, lambda t: 0.5)
+    assert len(totals) == 1 and step == totals[0] and t <= 600.0
+
+
+@pytest.mark.parametrize("busy_from", [300.0, 450.0])
+def test_a_busy_process_from_halfway_on_still_ends_within_the_budget_plus_5_percent(busy_from):
+    """The issue's case: another process takes half the CPU from the middle of the run on."""
+    step, t, totals = _simulate(600.0, lambda t: 0.5 if t < busy_from else 1.0)
+    assert totals[0] == 1200  # planned at the full rate
+    assert 1 < len(totals) <= 8 and totals == sorted(totals, reverse=True)  # a few bounded cuts
+    assert 600.0 * 0.95 <= t <= 600.0 * 1.05, t
+    without, t_without, _ = _simulate(600.0, lambda t: 0.5 if t < busy_from else 1.0, steps_cap=10**9)
+    assert t_without == t  # (the same simulation: deterministic)
+
+
+def test_a_machine_that_gets_faster_gets_more_steps_and_still_ends_on_time():
+    step, t, totals = _simulate(600.0, lambda t: 1.0 if t < 200 else 0.5)  # a neighbour finishes
+    assert totals[-1] > totals[0] and 570.0 <= t <= 600.0 * 1.05
+
+
+def test_a_moment_of_slowness_moves_the_total_by_a_bounded_step_only():
+    # 12 s of 4x slower steps right before a check: the forecast cuts the steps left, the plan
+    # gives up at most half of them, and takes it back at the next checks
+    step, t, totals = _simulate(600.0, lambda t: 2.0 if 100 <= t < 112 else 0.5)
+    assert totals[1] >= totals[0] - math.ceil(REPLAN_BOUND * totals[0])
+    assert max(totals[2:], default=0) > totals[1] and t <= 600.0 * 1.05
+
+
+@pytest.fixture
+def slow_patch_clock(monkeypatch):
+    """The fake clock, with steps 38 to 49 taking 1 s instead of 0.5 (a busy neighbour)."""
+    t, n = [1000.0], [0]
+    step = loop.train_step
+
+    def timed_step(*args, **kwargs):
+        n[0] += 1
+        t[0] += 1.0 if 38 <= n[0] <= 49 else STEP_S
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "now", lambda: t[0])
+    monkeypatch.setattr(loop, "train_step", timed_step)
+    return t, n
+
+
+def test_a_run_replans_saves_each_total_and_resumes_bitwise(tmp_path, slow_patch_clock, capsys):
+    t, n = slow_patch_clock
+    full = pretrain(_cfg(tmp_path, "full", "train.budget=60s"))
+    out = capsys.readouterr().out
+    events = [r for r in _rows(full.run_dir) if str(r.get("event", "")).startswith("budget")]
+    assert events[0]["event"] == "budget" and events[0]["total_steps"] == 120  # 2 steps/s over 60 s
+    replans = [e for e in events if e["event"] == "budget_replan"]
+    assert replans and replans[0]["was"] == 120 and replans[0]["total_steps"] < 120
+    assert "re-planned at step" in out
+    final = replans[-1]["total_steps"]
+    assert full.finished and full.step == final and _ckpt(full.run_dir)["extra"]["planned_steps"] == final
+    # stopped after the first re-plan, then resumed after a long pause: the same checks, the same run
+    t[0], n[0] = 1000.0, 0
+    first = replans[0]["step"]
+    part = pretrain(_cfg(tmp_path, "split", "train.budget=60s", f"train.max_steps={first + 3}"))
+    saved = _ckpt(part.run_dir)["extra"]
+    assert saved["planned_steps"] == replans[0]["total_steps"] and saved["budget_checks"][0] == first
+    t[0] += 1e6
+    rest = pretrain(_cfg(tmp_path, "split", "train.budget=60s"), resume=part.run_dir)
+    assert rest.finished and rest.step == final
+    again = [(e["step"], e["total_steps"]) for e in _rows(rest.run_dir) if e.get("event") == "budget_replan"]
+    assert again == [(e["step"], e["total_steps"]) for e in replans]
+    a, b = _ckpt(full.run_dir), _ckpt(rest.run_dir)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_the_budget_covers_the_whole_command_with_its_evaluations(tmp_path, fake_clock, monkeypatch):
+    """An initial kNN that takes 5 s of the command's clock: training gets the budget less it and
+    less the same again for the final kNN, so the command ends within its budget."""
+    from byol.train import pretrain as pretrain_module
+
+    real_knn = pretrain_module._knn
+
+    def slow_knn(*args, **kwargs):
+        fake_clock[0] += 5.0
+        return real_knn(*args, **kwargs)
+
+    real_final = pretrain_module.final_eval
+
+    def slow_final(*args, **kwargs):  # the same work as the initial kNN (and the online classifier's)
+        fake_clock[0] += 5.0
+        return real_final(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "_knn", slow_knn)
+    monkeypatch.setattr(pretrain_module, "final_eval", slow_final)
+    start = fake_clock[0]
+    cfg = load_config(None, [*TINY, "data.dataset=shapes", "data.shapes_size=64", "data.val_fraction=0.25",
+                             f"train.out_dir={tmp_path}", "train.name=whole", "train.checkpoint_every=100",
+                             "train.budget=30s", "eval.initial_knn=true", "eval.final_knn=true"])
+    result = pretrain(cfg)
+    extra = _ckpt(result.run_dir)["extra"]
+    assert extra["budget_s"] == 20.0  # 30 s less 5 s spent and 5 s kept for the final kNN
+    # 6 steps/epoch (48 training images); fixed at 13 after 6.5 s: 13.5 s left at 2 steps/s -> 40
+    assert result.finished and result.step == extra["planned_steps"] == 40
+    assert result.knn is not None and fake_clock[0] - start == pytest.approx(30.0)

@@ -14,15 +14,29 @@ The rule (docs/method.md §4 for the schedules laid over the total):
   the steps the missing time buys at the rate so far, until it is long enough.
 - The total, fixed at the window's last step ``s``: ``s + floor((budget - elapsed) * rate)``, at
   least ``s``: the budget minus the time already spent (all sessions) at the measured rate.
-- What the budget covers: the training clock only. Periodic kNN evaluations (eval.knn_every), the
-  start-up, the initial and final kNN are outside it. Checkpoints are counted as they are spent
-  but not forecast.
+- Re-planning (``Replanner``): once fixed, the total is forecast again every ``REPLAN_FRACTION``
+  of the budget, or every ``REPLAN_LEFT`` of the time left when that is shorter (counted in steps
+  at the planned rate, so every rank checks at the same step; at least ``MEASURE_STEPS`` apart),
+  from the rate over the steps since the last check. A forecast within ``REPLAN_TOLERANCE`` of
+  the steps left changes nothing; otherwise the steps left change by at most ``REPLAN_BOUND``
+  each time (a rate measured while another process was busy for a moment cannot wipe out the
+  schedule's tail at once; a lasting change is followed over the next checks). Simulated in
+  tests/test_budget.py: half the CPU taken from the middle of a 600-s run on ends it at 600 s. Each new total is saved
+  in the checkpoint, and a resume takes it up where the session before left it.
+- What the budget covers: the whole command, within a few seconds (Python's start): the training
+  clock gets the budget less what ``pretrain`` spent before training (start-up, the initial kNN)
+  and less the same again for the final kNN (``reserve_s``: the final kNN is the initial one's
+  work). Periodic kNN evaluations (eval.knn_every) run on the training clock, so the re-planning
+  absorbs them. Checkpoints are counted as they are spent but not forecast.
 - Before the total is fixed the schedules do not depend on it: lr = peak * step / W below the
   warm-up length W (optim.warmup_epochs in steps), peak after it; tau = tau_base. From the fixed
   step on they are the schedules of the fixed total, ending at it (lr 0, tau 1).
-- The total is saved in the checkpoint: a resume keeps it, measures nothing and continues the
-  same schedules bitwise. A run stopped before the total was fixed measures again on resume
-  (a new window from the resume step; the time spent so far still counts).
+- The total (the last re-planned one), the training budget and the re-planning's checks are
+  saved in the checkpoint: a resume keeps them, measures no new window, continues the same
+  schedules bitwise and checks at the same steps (the rate of a check that spans the two sessions
+  is over training time: the pause between them does not count). A run stopped before the total
+  was fixed measures again on resume (a new window from the resume step; the time spent so far
+  still counts).
 """
 from __future__ import annotations
 
@@ -34,6 +48,13 @@ from byol.config.sections import parse_budget  # noqa: F401 (the duration rule l
 WARMUP_STEPS = 3  # untimed steps first: kernel selection, allocator, caches
 MEASURE_STEPS = 10  # timed steps whose mean rate fixes the total: at least these
 MEASURE_FRACTION = 0.05  # and at least this share of the budget (30 s of 10 minutes)
+
+REPLAN_FRACTION = 0.1  # the total is forecast again every 10% of the budget,
+REPLAN_LEFT = 0.25  # or every quarter of the time left, when that is shorter (the end nears)
+REPLAN_TOLERANCE = 0.02  # a forecast within 2% of the steps left (or 1 step) changes nothing
+REPLAN_BOUND = 0.5  # one re-plan changes the steps left by at most half
+MIN_TRAINING_SHARE = 0.1  # training keeps at least this share of a budget the evaluations would eat
+
 
 def total_steps(step: int, elapsed_s: float, rate: float, budget_s: float) -> int:
     """The total that ends within ``budget_s``: the steps the time left buys at ``rate``, after ``step``."""
@@ -80,11 +101,71 @@ class BudgetMeter:
                      elapsed_s, self.budget_s)
 
 
+@dataclass
+class Replan:
+    total: int
+    was: int  # the total before
+    step: int
+    rate: float  # steps/s since the last check
+    measured: int  # steps since the last check
+    elapsed_s: float
+    budget_s: float
+
+
+class Replanner:
+    """The checks of a fixed total, from ``step`` on (see the module's rule). ``checks`` is its
+    whole state, ``[last check's step, its training time, next check's step]``: saved in the
+    checkpoint, so that a resumed run checks at the steps the uninterrupted one would."""
+
+    def __init__(self, budget_s: float, step: int, elapsed_s: float, total: int,
+                 checks: list | None = None) -> None:
+        self.budget_s = budget_s
+        if checks is not None:
+            self.last_step, self.last_t, self.next_step = int(checks[0]), float(checks[1]), int(checks[2])
+        else:
+            self._from(step, elapsed_s, total)
+
+    @property
+    def checks(self) -> list:
+        return [self.last_step, self.last_t, self.next_step]
+
+    def _from(self, step: int, elapsed_s: float, total: int) -> None:
+        self.last_step, self.last_t = step, elapsed_s
+        left_s = self.budget_s - elapsed_s
+        planned_rate = (total - step) / left_s if left_s > 0 else math.inf
+        every = min(REPLAN_FRACTION * self.budget_s, REPLAN_LEFT * left_s) * planned_rate
+        self.next_step = step + max(MEASURE_STEPS, math.ceil(every) if math.isfinite(every) else MEASURE_STEPS)
+
+    def wants_time(self, step: int) -> bool:
+        return step == self.next_step
+
+    def after_step(self, step: int, elapsed_s: float, total: int) -> Replan | None:
+        """At a check: the new total when the rate since the last check moves it enough."""
+        if step != self.next_step or step >= total:
+            return None
+        measured = step - self.last_step
+        rate = measured / max(elapsed_s - self.last_t, 1e-9)
+        forecast = total_steps(step, elapsed_s, rate, self.budget_s)
+        left = total - step
+        bounded = min(max(forecast, step + math.floor(left * (1 - REPLAN_BOUND))),
+                      step + math.ceil(left * (1 + REPLAN_BOUND)))
+        changed = abs(bounded - total) > max(1.0, REPLAN_TOLERANCE * left)
+        new = bounded if changed else total
+        self._from(step, elapsed_s, new)
+        return Replan(new, total, step, rate, measured, elapsed_s, self.budget_s) if changed else None
+
+
+def replan_line(r: Replan) -> str:
+    return (f"budget: re-planned at step {r.step}: {r.rate:.3g} steps/s over the last {r.measured} steps, "
+            f"{max(0.0, r.budget_s - r.elapsed_s):.1f} s left -> {r.total} steps in all (was {r.was})")
+
+
 def fixed_line(fixed: Fixed, steps_per_epoch: int, text: str) -> str:
     """The one line a budgeted run prints when its total is fixed."""
     left = max(0.0, fixed.budget_s - fixed.elapsed_s)
     epochs = fixed.total / steps_per_epoch if steps_per_epoch else 0.0
     return (f"budget {text}: {fixed.rate:.3g} steps/s over {fixed.measured} steps (after {WARMUP_STEPS} "
             f"warm-up steps); {left:.1f} s left of {fixed.budget_s:g} s after {fixed.elapsed_s:.1f} s spent "
-            f"-> {fixed.total} steps in all (~{epochs:.2f} epochs; optim.epochs ignored). The budget is "
-            f"training time (data, steps, checkpoints); periodic and final kNN evaluations are outside it")
+            f"-> {fixed.total} steps in all (~{epochs:.2f} epochs; optim.epochs ignored), re-planned as the "
+            f"rate changes. The budget covers the whole command: the start-up and the initial and final kNN "
+            f"are taken out of the training time")

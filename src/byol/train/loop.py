@@ -23,7 +23,14 @@ from byol import distributed
 from byol.config import Config
 from byol.data.pipeline import TrainBatches
 from byol.optim import constant_tau, cosine_tau, scaled_lr, warmup_cosine_lr
-from byol.train.budget import BudgetMeter, fixed_line, parse_budget
+from byol.train.budget import (
+    MIN_TRAINING_SHARE,
+    BudgetMeter,
+    Replanner,
+    fixed_line,
+    parse_budget,
+    replan_line,
+)
 from byol.train.checkpoint import CHECKPOINT_DIR, CheckpointWriteError, save_checkpoint
 from byol.train.guard import NonFiniteGuard
 from byol.train.monitors import Monitors, progress_postfix, val_row
@@ -34,6 +41,11 @@ from byol.train.step import train_step
 from byol.train.threads import make_governor
 
 now = time.monotonic  # the loop's clock; tests put a fake one here
+
+
+def clock_now() -> float:
+    """The loop's clock, for the command's own timing (a fake one in tests reaches it too)."""
+    return now()
 
 
 @dataclass
@@ -116,16 +128,32 @@ class Clock:
 
 
 class Budget:
-    """train.budget: time a window of the first steps, then fix the plan's total (train/budget.py).
-    Nothing to do without a budget or once the total is fixed (a resume of a measured run)."""
+    """train.budget: time a window of the first steps, fix the plan's total, then re-plan it as the
+    rate changes (train/budget.py). Nothing to do without a budget. ``reserve_s``: what the command
+    spends outside training (start-up, initial and final kNN), taken out of the budget once; the
+    training budget and the re-planning's checks are kept in the checkpoint (``state.budget_s``,
+    ``state.budget_checks``) for a resume."""
 
-    def __init__(self, cfg: Config, plan: Plan, state: TrainState) -> None:
+    def __init__(self, cfg: Config, plan: Plan, state: TrainState, reserve_s: float = 0.0) -> None:
         self.text = cfg.train.budget
-        measure = self.text is not None and plan.total is None
-        self.meter = BudgetMeter(parse_budget(self.text), state.step) if measure else None
+        self.meter = self.replanner = None
+        if self.text is None:
+            return
+        if state.budget_s is None:  # a new run (or one from before budgets were kept)
+            whole = parse_budget(self.text)
+            state.budget_s = max(whole - reserve_s, MIN_TRAINING_SHARE * whole)
+        if plan.total is None:
+            self.meter = BudgetMeter(state.budget_s, state.step)
+        else:  # a resumed run whose total is fixed: the checks where the last session left them
+            self.replanner = Replanner(state.budget_s, state.step, state.elapsed_s, plan.total, state.budget_checks)
+            state.budget_checks = self.replanner.checks
+
+    def _wants_time(self, step: int) -> bool:
+        return ((self.meter is not None and self.meter.wants_time(step))
+                or (self.replanner is not None and self.replanner.wants_time(step)))
 
     def after_step(self, state: TrainState, plan: Plan, clock: Clock, rt: Runtime, log) -> None:
-        if self.meter is None or not self.meter.wants_time(state.step):
+        if not self._wants_time(state.step):
             return
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)  # the steps queued so far are done: the clock is true
@@ -133,19 +161,30 @@ class Budget:
         # rank 0's clock on every rank: each rank's meter then extends its window to the same steps
         # and fixes the same total (their own clocks differ a little, and a rank that asks for the
         # time at another step than the others would wait in this broadcast forever)
-        fixed = self.meter.after_step(state.step, distributed.broadcast_object(state.elapsed_s))
-        if fixed is None:
-            return
-        self.meter, state.planned_steps = None, fixed.total
-        plan.fix(fixed.total)
-        log.fixed(state.step, fixed, fixed_line(fixed, plan.steps_per_epoch, self.text))
+        elapsed = distributed.broadcast_object(state.elapsed_s)
+        if self.meter is not None:
+            fixed = self.meter.after_step(state.step, elapsed)
+            if fixed is not None:
+                self.meter, state.planned_steps = None, fixed.total
+                plan.fix(fixed.total)
+                self.replanner = Replanner(state.budget_s, state.step, elapsed, fixed.total)
+                log.fixed(state.step, fixed, plan, fixed_line(fixed, plan.steps_per_epoch, self.text))
+        else:
+            replan = self.replanner.after_step(state.step, elapsed, plan.total)
+            if replan is not None:
+                state.planned_steps = replan.total
+                plan.fix(replan.total)
+                log.replanned(replan, plan)
+        if self.replanner is not None:
+            state.budget_checks = self.replanner.checks
 
 
 def train_loop(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, monitors: Monitors,
-               guard: NonFiniteGuard, *, purge: bool) -> LoopEnd:
-    """Train from ``state``'s position to ``cfg.train.max_steps`` or the schedule's end."""
+               guard: NonFiniteGuard, *, purge: bool, reserve_s: float = 0.0) -> LoopEnd:
+    """Train from ``state``'s position to ``cfg.train.max_steps`` or the schedule's end
+    (``reserve_s``: the command's time outside training, taken out of a train.budget)."""
     plan = Plan(cfg, len(data.views), state.planned_steps)
-    budget = Budget(cfg, plan, state)
+    budget = Budget(cfg, plan, state, reserve_s)
     skip = cfg.train.nonfinite == "skip"
     if cfg.train.compile:
         state.model.compile()  # in place: forward compiled, parameter names unchanged
@@ -179,7 +218,7 @@ def train_loop(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path,
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                     if _check(guard, state, end, log, weights=True):
                         break  # before the evaluation and the checkpoint: neither sees a bad state
-                    _evaluate_if_due(plan, state, monitors, log, clock)
+                    _evaluate_if_due(plan, state, monitors, log, clock, budgeted=cfg.train.budget is not None)
                     _checkpoint(state, run_dir, guard, clock, keep=_keep_epoch(cfg, state.epoch))
                 elif state.step % cfg.train.checkpoint_every == 0:
                     if _check(guard, state, end, log, weights=True):
@@ -248,12 +287,13 @@ def _state_tensors(state: TrainState):
             yield from (v for v in per_param.values() if hasattr(v, "is_floating_point"))
 
 
-def _evaluate_if_due(plan: Plan, state: TrainState, monitors: Monitors, log, clock: Clock) -> None:
+def _evaluate_if_due(plan: Plan, state: TrainState, monitors: Monitors, log, clock: Clock, budgeted: bool) -> None:
     """The held-out kNN of eval.knn_every, before the epoch's checkpoint: a kill in between reruns
-    it on resume instead of losing its row. Its time is not training time."""
+    it on resume instead of losing its row. Its time is not training time, except under a budget:
+    there it is spent inside the command's time, and the re-planning absorbs it."""
     if not monitors.due(state.epoch, plan.last_epoch):
         return
-    with clock.paused():
+    with contextlib.nullcontext() if budgeted else clock.paused():
         if distributed.is_main():
             log.logger.log(state.step, {"epoch": state.epoch, **val_row(monitors.evaluate(state.model))})
         distributed.barrier()
@@ -318,13 +358,22 @@ class _Log:
         self.logger.log(state.step, row)
         self.bar.set_postfix(progress_postfix(row, lr, tau), refresh=False)
 
-    def fixed(self, step: int, fixed, line: str) -> None:
+    def fixed(self, step: int, fixed, plan: Plan, line: str) -> None:
         """A budget fixed the total: its line (stdout), its event row, the bar's new length."""
-        self.stop_at = min(self.stop_at, fixed.total)
-        self.logger.log(step, {"event": "budget", "total_steps": fixed.total, "steps_per_s": fixed.rate,
-                               "measured_steps": fixed.measured, "elapsed_s": fixed.elapsed_s,
-                               "budget_s": fixed.budget_s})
-        self.bar.total = fixed.total
+        self._event(step, {"event": "budget", "total_steps": fixed.total, "steps_per_s": fixed.rate,
+                           "measured_steps": fixed.measured, "elapsed_s": fixed.elapsed_s,
+                           "budget_s": fixed.budget_s}, plan, line)
+
+    def replanned(self, r, plan: Plan) -> None:
+        """A budget re-planned the total (train/budget.py Replanner)."""
+        self._event(r.step, {"event": "budget_replan", "total_steps": r.total, "was": r.was, "steps_per_s": r.rate,
+                             "measured_steps": r.measured, "elapsed_s": r.elapsed_s, "budget_s": r.budget_s},
+                    plan, replan_line(r))
+
+    def _event(self, step: int, row: dict, plan: Plan, line: str) -> None:
+        self.stop_at = plan.stop_at
+        self.logger.log(step, row)
+        self.bar.total = plan.total
         if distributed.is_main():
             tqdm.write(line, file=sys.stdout)
             sys.stdout.flush()

@@ -41,7 +41,7 @@ from byol.train.checkpoint import (
 )
 from byol.train.guard import NonFiniteGuard, TrainingDiverged
 from byol.train.lock import RunLock
-from byol.train.loop import train_loop
+from byol.train.loop import clock_now, train_loop
 from byol.train.monitors import Monitors, final_eval, make_probe
 from byol.train.rundir import open_new_run, start_summary, truncate_metrics, write_json, write_summary
 from byol.train.runtime import Runtime, start_runtime
@@ -66,6 +66,7 @@ class PretrainResult:
 
 def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol") -> PretrainResult:
     """Train ``cfg`` from scratch, or continue the run directory ``resume``."""
+    started = clock_now()  # a train.budget covers the command from here (train/budget.py)
     rt = start_runtime(cfg, default_workers)
     if cfg.data.path and resume is None:  # the run must find its data from any directory later
         cfg = replace(cfg, data={"path": str(Path(cfg.data.path).expanduser().resolve())})
@@ -95,7 +96,7 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
                 run_dir = open_new_run(cfg, stem)
                 held.enter_context(_run_lock(run_dir))
             result.run_dir, result.step = run_dir, state.step
-            _run(cfg, state, data, rt, run_dir, result, chosen, resumed=resume is not None)
+            _run(cfg, state, data, rt, run_dir, result, chosen, resumed=resume is not None, started=started)
     except (CheckpointWriteError, TrainingDiverged, KeyboardInterrupt):
         raise
     except Exception as e:  # the disk refused a write anywhere in the run, in any layer: one line, exit 4
@@ -157,7 +158,7 @@ def _check_micro_batches(cfg: Config, world: int) -> None:
 
 
 def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, result: PretrainResult,
-         chosen: Chosen, resumed: bool) -> None:
+         chosen: Chosen, resumed: bool, started: float) -> None:
     """The locked part of a run: config, start lines, training, final evaluation, summary."""
     if rt.main:
         saved = run_dir / "config.yaml"  # a resume keeps the reasons of what auto chose at the start
@@ -166,16 +167,22 @@ def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, resul
         print(start_summary(cfg, data, state.model, rt.device, rt.precision, rt.workers, run_dir,
                             state.step, chosen), flush=True)
     shared = _share_skips(data.source, run_dir, rt)  # before any loader starts its workers
+    knn_s = 0.0
     if cfg.eval.initial_knn and data.bank is not None and state.step == 0 and rt.main:
+        t = clock_now()
         result.knn_init = _knn(cfg, state.model, data, rt)
+        knn_s = clock_now() - t
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
     distributed.barrier()
+    # a budget's reserve: what the command spent so far, and the final kNN (the initial one's work)
+    final_knn_s = knn_s if cfg.eval.final_knn and data.bank is not None else 0.0
+    reserve_s = distributed.broadcast_object(clock_now() - started + final_knn_s)  # rank 0's: one plan
     monitors = Monitors(cfg, state, data, rt.device, rt.workers)
     start_step = state.step
     guard = NonFiniteGuard(rt.device)
     guard.last_good_step = state.step if resumed else None
     try:
-        end = train_loop(cfg, state, data, rt, run_dir, monitors, guard, purge=resumed)
+        end = train_loop(cfg, state, data, rt, run_dir, monitors, guard, purge=resumed, reserve_s=reserve_s)
     except CheckpointWriteError:
         with contextlib.suppress(OSError):  # the disk may be full for this small file too
             write_summary(cfg, state, run_dir, result, rt.device, rt.precision)

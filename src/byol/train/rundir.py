@@ -21,7 +21,7 @@ from byol import distributed
 from byol.files import atomic_write_text
 from byol.models.named import is_named
 from byol.optim.schedules import scaled_lr
-from byol.train.budget import MEASURE_FRACTION, MEASURE_STEPS, WARMUP_STEPS, parse_budget
+from byol.train.budget import MEASURE_FRACTION, MEASURE_STEPS, REPLAN_FRACTION, WARMUP_STEPS, parse_budget
 from byol.train.checkpoint import CHECKPOINT_DIR
 from byol.train.runtime import isa_cap_without_bf16
 
@@ -157,10 +157,10 @@ def _length(cfg, steps: int) -> str:
     """The run's length: epochs x steps, or the time budget that fixes it (train/budget.py)."""
     if cfg.train.budget is None:
         return f"{steps} steps/epoch x {cfg.optim.epochs} epochs = {steps * cfg.optim.epochs} steps"
-    return (f"{steps} steps/epoch, time budget {cfg.train.budget} ({parse_budget(cfg.train.budget):g} s of "
-            f"training, evaluations outside it): the total steps follow from the rate of at least "
-            f"{MEASURE_STEPS} steps and {MEASURE_FRACTION:.0%} of the budget after {WARMUP_STEPS} warm-up steps "
-            f"(optim.epochs ignored)")
+    return (f"{steps} steps/epoch, time budget {cfg.train.budget} ({parse_budget(cfg.train.budget):g} s for the "
+            f"whole command: training gets what the start-up and the initial and final kNN leave): the total "
+            f"steps follow from the rate of at least {MEASURE_STEPS} steps and {MEASURE_FRACTION:.0%} of the budget "
+            f"after {WARMUP_STEPS} warm-up steps, re-planned every {REPLAN_FRACTION:.0%} of it (optim.epochs ignored)")
 
 
 def write_summary(cfg, state, run_dir, result, device, precision) -> None:

@@ -24,7 +24,7 @@ class TrainState:
     is (its resolved config, its number of training images), its clock and its monitors' state.
 
     On disk the run fields sit under ``extra`` (the layout every checkpoint since format 1 has):
-    ``{"config", "n_train", "elapsed", "collapsed_at", "planned_steps"}``."""
+    ``{"config", "n_train", "elapsed", "collapsed_at", "planned_steps", "budget_s", "budget_checks"}``."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -36,6 +36,8 @@ class TrainState:
     elapsed_s: float = 0.0  # training wall time over all sessions (not the evaluations)
     collapsed_at: int | None = None  # first step whose projections were flagged as collapsed
     planned_steps: int | None = None  # the total steps a train.budget fixed (train/budget.py); None: not yet
+    budget_s: float | None = None  # the training time of a train.budget (less the evaluations' reserve)
+    budget_checks: list | None = None  # the budget's re-planning checks (train/budget.py Replanner.checks)
     probe: Any = None  # the online linear classifier (eval/diagnostics.py OnlineLinear), when labelled
 
     def state_dict(self) -> dict[str, Any]:
@@ -44,6 +46,10 @@ class TrainState:
             extra["collapsed_at"] = self.collapsed_at
         if self.planned_steps is not None:
             extra["planned_steps"] = self.planned_steps
+        if self.budget_s is not None:
+            extra["budget_s"] = self.budget_s
+        if self.budget_checks is not None:
+            extra["budget_checks"] = list(self.budget_checks)
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model.state_dict(),
@@ -69,6 +75,8 @@ class TrainState:
         self.elapsed_s = float(extra.get("elapsed", 0.0))
         self.collapsed_at = extra.get("collapsed_at")
         self.planned_steps = extra.get("planned_steps")
+        self.budget_s = extra.get("budget_s")
+        self.budget_checks = extra.get("budget_checks")
         if self.probe is not None and "probe" in sd:
             self.probe.load_full_state_dict(sd["probe"])
         restore_rng(sd["rng"])
