@@ -97,7 +97,7 @@ def test_bad_files_are_skipped_and_listed(tmp_path, capsys):
     listed = (tmp_path / "runs" / "skip" / "skipped_files.tsv").read_text()
     for path in bad:
         assert str(path) in listed
-    assert "skipped 3 unreadable image(s)" in capsys.readouterr().out
+    assert "skipped: 3 record(s) of unreadable images" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("which", [0, 1, 2])

@@ -42,6 +42,12 @@ def _zip_writer_error(e: OSError) -> RuntimeError:
         return r
 
 
+def test_a_full_dev_shm_is_named_as_such_not_as_the_run_directory():
+    shm = RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)")
+    assert refused_write(shm).startswith("no space left in shared memory (/dev/shm)")
+    assert "data.num_workers=0" in refused_write(shm)
+
+
 def test_refused_write_reads_every_layer():
     enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert refused_write(enospc) == "no space left on device"
@@ -89,22 +95,26 @@ def _assert_one_line_exit_4(done: subprocess.CompletedProcess, needle: str) -> s
     return last
 
 
-def _ignore_sigxfsz_and_limit(nbytes: int):
-    def limit() -> None:  # in the child: the kernel refuses writes past nbytes with EFBIG
+def _limited(cmd: list[str], nbytes: int) -> tuple[list[str], object]:
+    """``cmd`` under a file-size limit of ``nbytes`` (the kernel refuses a write past it with
+    EFBIG; Python ignores SIGXFSZ): through util-linux's prlimit, else a preexec function."""
+    if shutil.which("prlimit"):
+        return ["prlimit", f"--fsize={nbytes}:{nbytes}", *cmd], None
+
+    def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-    return limit
+    return cmd, limit
 
 
 def test_a_file_size_limit_under_torchs_zip_writer_is_one_line_and_exit_4(tmp_path):
     """Any user: a checkpoint larger than the file-size limit fails inside torch's zip writer."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "byol", *byol_command(run)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("BYOL_DEBUG", None)
     # config.yaml, metrics.jsonl and the event file stay far below 256 KiB; a checkpoint is ~2 MB
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_ignore_sigxfsz_and_limit(256 << 10))
+    cmd, preexec = _limited([sys.executable, "-m", "byol", *byol_command(run)], 256 << 10)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec)
     last = _assert_one_line_exit_4(done, "cannot write a checkpoint in ")
     assert "file too large" in last.lower() and "no earlier checkpoint exists" in last
     assert not list((run / "checkpoints").glob(".*.tmp"))

@@ -234,3 +234,76 @@ def test_a_damaged_header_names_the_member_after_which_the_tar_is_unreadable(tmp
     with pytest.raises(DataError, match=r"s\.tar:<member after 01\.cls>: damaged or cut tar"):
         ShardDataset(tar, bad_files="fail")
     assert len(ShardDataset(tar)) == 2
+
+
+# --- what a review of the change found ------------------------------------------------------------
+
+@pytest.mark.parametrize("manifest", [
+    {"shards": [{"name": "train-000000.tar", "samples": 20}]},  # another tool's: no format, no index
+    {"format": "byol-shards/1", "shards": [{"name": "/elsewhere/train-000000.tar", "samples": 20,
+                                            "sha256": "x", "index": {}}]},  # names written as paths
+    ["not", "a", "mapping"],
+], ids=["no-format", "path-names", "a-list"])
+def test_a_manifest_byol_did_not_write_is_ignored_not_taken_for_damage(shard_set, tmp_path, manifest):
+    out = _copy(shard_set, tmp_path)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    ds = ShardDataset(out, bad_files="fail")  # every shard is healthy: no problem, under fail too
+    assert len(ds) == 80 and ds.skipped == [] and ds.listed_samples is None
+    assert "manifest.json ignored: " in ds.describe() and "indexed from the tar headers" in ds.describe()
+
+
+def test_a_tar_cut_right_after_an_image_loses_that_sample_not_every_label(tmp_path, good_jpeg):
+    tar = tmp_path / "s.tar"
+    raw = _tar(tar, _members(good_jpeg))
+    tar.write_bytes(raw[:_offset_of(raw, "02.cls")])  # 02.jpg whole, its .cls gone
+    ds = ShardDataset(tar)
+    assert len(ds) == 2 and ds.labels == [1, 1]  # the set keeps its labels
+    assert (f"{tar}:02.jpg", "no .cls member, in a labelled shard set") in ds.skipped
+    with pytest.raises(DataError, match=r"s\.tar:<member after 02\.jpg>"):
+        ShardDataset(tar, bad_files="fail")
+
+
+def test_a_tar_padded_to_a_large_record_size_is_intact(tmp_path, good_jpeg):
+    tar = tmp_path / "s.tar"
+    raw = _tar(tar, _members(good_jpeg))
+    tar.write_bytes(raw + b"\0" * (3 << 20))  # what tar -b 4096 (2 MiB records) leaves: zeros
+    ds = ShardDataset(tar, bad_files="fail")
+    assert len(ds) == 4 and ds.skipped == []
+
+
+def test_records_with_tabs_and_names_that_are_not_utf8_are_written_once(tmp_path):
+    import os
+
+    from byol.data.skips import read_skipped, unique, write_skipped
+
+    name = os.fsdecode(b"/imgs/caf\xe9.jpg")  # a Latin-1 file name, as the file system gives it
+    records = [(name, "truncated JPEG"), ("/imgs/a\tb.jpg", "line one\nline two")]
+    path = tmp_path / "skipped_files.tsv"
+    write_skipped(records, path)
+    write_skipped(unique([*read_skipped(path), *records]), path)  # what a resume's merge does
+    assert path.read_bytes() == b"/imgs/caf\xe9.jpg\ttruncated JPEG\n/imgs/a b.jpg\tline one line two\n"
+
+
+def test_a_resume_merges_the_records_a_killed_session_left(tmp_path):
+    data, late = _late_bad_shards(tmp_path)
+    assert main(_run_args(tmp_path, data, "killed", 8, "train.max_steps=1")) == 0
+    run = tmp_path / "killed"
+    left = run / ".skipped" / "rank1"  # as a SIGKILL leaves them: a record and a torn line
+    left.mkdir(parents=True)
+    (left / "worker-999.jsonl").write_text(json.dumps(["/gone/x.jpg", "truncated JPEG"]) + '\n["/gone/y.j')
+    assert main(["pretrain", "--resume", str(run), "train.max_steps=2"]) == 0
+    lines = (run / "skipped_files.tsv").read_text().splitlines()
+    assert "/gone/x.jpg\ttruncated JPEG" in lines and not any("/gone/y" in x for x in lines)
+    assert not (run / ".skipped").exists()
+
+
+def test_full_verification_under_a_limit_hashes_only_the_shards_it_reads(shard_set, monkeypatch):
+    import byol.data.shards as shards_module
+
+    hashed = []
+    real = shards_module.content_reason
+    monkeypatch.setattr(shards_module, "content_reason", lambda shard, entry: hashed.append(shard.name) or
+                        real(shard, entry))
+    ds = ShardDataset(shard_set, verify="full", limit=3, seed=1)
+    read = sorted({ds.shards[s].name for s in ds.shard_of})
+    assert sorted(hashed) == read and len(read) < 4

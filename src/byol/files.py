@@ -48,10 +48,18 @@ def _chain(exc: BaseException):
             None if exc.__suppress_context__ else exc.__context__)
 
 
+SHARED_MEMORY = "no space left in shared memory"
+_SHM_TEXT = re.compile(r"shared memory|/dev/shm", re.IGNORECASE)
+
+
 def refused_write(exc: BaseException) -> str | None:
     """Why the storage refused a write, when ``exc`` says so in whatever layer raised it (an
     OSError with a disk errno, also as the context of torch's zip-writer error, or the text of a
-    writer that keeps no errno); None for any other error. Lower case, e.g. "no space left on device"."""
+    writer that keeps no errno); None for any other error. Lower case, e.g. "no space left on device".
+    A DataLoader worker that found /dev/shm full is named as such: the run's disk is not full."""
+    if any(_SHM_TEXT.search(str(e)) for e in _chain(exc)):
+        return (f"{SHARED_MEMORY} (/dev/shm) for the loader workers: set data.num_workers=0, or give "
+                "the container more (docker run --shm-size)")
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             return os.strerror(e.errno).lower()

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"byol: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_DIVERGED
     except CheckpointWriteError as exc:
+        if os.environ.get("BYOL_DEBUG"):
+            raise
         print(f"byol: error: {_one_line(exc)}; the run stopped (free space, then resume it)", file=sys.stderr)
         return EXIT_CHECKPOINT_WRITE
     except KeyboardInterrupt:

@@ -34,7 +34,8 @@ def _print_run(result) -> bool:
     print(f"  checkpoint:  {run / 'checkpoints' / 'last.pt'}")
     print(f"  metrics:     {run / 'metrics.jsonl'} (tensorboard: {run / 'tb'})")
     if result.skipped:
-        print(f"  skipped {len(result.skipped)} unreadable image(s), listed in {run / 'skipped_files.tsv'}")
+        print(f"  skipped: {len(result.skipped)} record(s) of unreadable images, bad shard members or shards, "
+              f"listed in {run / 'skipped_files.tsv'}")
     if result.resumed_from is not None and result.resumed_from.name != "last.pt":
         print(f"  resumed from: {result.resumed_from}")
     if not result.finished:

@@ -12,8 +12,10 @@ to get them:
   tar still is what the manifest describes, at a cost that does not grow with the shard's bytes:
   its size; the index's own counts; the layout, in which the members the index lists and the
   end-of-archive blocks account for every byte of the file (so no member is missing from the
-  index, wherever it sits); and the headers of a few members. With ``verify="full"``, the sha256
-  of the whole file too. Any difference is returned as a reason, and the caller walks the tar.
+  index, wherever it sits); and the headers of a few members. Any difference is returned as a
+  reason, and the caller walks the tar. ``content_reason`` compares the whole file's sha256
+  (``data.verify=full``, for the shards a run reads). A manifest of another format is not read
+  (``listed_shards``).
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ Row = tuple[str, int, int, "int | None"]  # (image member, data offset, size, la
 Problem = tuple[str, str]  # (where: SHARD:MEMBER or SHARD, reason)
 
 BLOCK = tarfile.BLOCKSIZE
-_TAIL_LIMIT = 1 << 20  # bytes after the last member read to see that they are zeros
+_TAIL_CHUNK = 1 << 20  # the bytes after the last member are read in these to see they are zeros
+FORMAT = "byol-shards/1"  # the manifest's format (byol shard); another is not read
 _SAMPLED_HEADERS = 4  # headers read per shard: the first, the last and two seeded others
-CONTENT_DIFFERS = "its content differs from the sha256 in manifest.json"
 
 
 def _padded(size: int) -> int:
@@ -102,13 +104,16 @@ def _after(shard: Path, last: tarfile.TarInfo | None, reason: str) -> Problem:
 
 def _nonzero_tail(shard: Path, end: int, size: int) -> int:
     """How many bytes follow the archive's last member, when they are not only zeros (the
-    end-of-archive blocks); 0 when they are."""
+    end-of-archive blocks, padded to the writer's record size: 10 KiB by default, megabytes with
+    ``tar -b``); 0 when they are."""
     if size <= end:
         return 0
     with open(shard, "rb") as f:
         f.seek(end)
-        tail = f.read(min(size - end, _TAIL_LIMIT))
-    return size - end if tail.strip(b"\0") or size - end > _TAIL_LIMIT else 0
+        for chunk in iter(lambda: f.read(_TAIL_CHUNK), b""):
+            if chunk.strip(b"\0"):
+                return size - end
+    return 0
 
 
 def _rows(shard: Path, order: list[str], groups: dict, texts: dict[str, str],
@@ -135,10 +140,32 @@ def _rows(shard: Path, order: list[str], groups: dict, texts: dict[str, str],
 
 # --- the manifest's index, checked --------------------------------------------------------------
 
-def checked_index(shard: Path, entry: dict, *, full: bool, seed: int = 0) -> tuple[list[Row] | None, str]:
+def listed_shards(manifest) -> tuple[dict[str, dict] | None, str]:
+    """The shard entries of a manifest by name, when it is one ``byol shard`` wrote (its format,
+    a list of entries each with a bare name, a sample count, a sha256 and an index); else (None,
+    why it is not read). None without a manifest."""
+    if manifest is None:
+        return None, ""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        return None, f"not written by byol shard (format {found!r}, not {FORMAT!r})"
+    entries = manifest.get("shards")
+    if not isinstance(entries, list):
+        return None, "its 'shards' is not a list"
+    listed: dict[str, dict] = {}
+    for e in entries:
+        ok = (isinstance(e, dict) and isinstance(e.get("name"), str) and "/" not in e["name"]
+              and isinstance(e.get("samples"), int) and e["samples"] >= 0 and isinstance(e.get("sha256"), str)
+              and isinstance(e.get("index"), dict))
+        if not ok:
+            return None, f"a malformed shard entry: {str(e)[:80]}"
+        listed[e["name"]] = e
+    return listed, ""
+
+
+def checked_index(shard: Path, entry: dict, *, seed: int = 0) -> tuple[list[Row] | None, str]:
     """The rows ``entry`` (the shard's record in manifest.json) lists when the tar agrees with
-    it, else (None, why not). Reads the file's size, its tail, a few headers and (``full``) all
-    its bytes for the sha256."""
+    it, else (None, why not). Reads the file's size, its tail and a few headers."""
     index = entry.get("index")
     if not isinstance(index, dict):
         return None, "manifest.json holds no index for it"
@@ -157,9 +184,12 @@ def checked_index(shard: Path, entry: dict, *, full: bool, seed: int = 0) -> tup
         why = check(shard, rows, size)
         if why:
             return None, why
-    if full and sha256_file(shard) != entry.get("sha256"):
-        return None, CONTENT_DIFFERS
     return rows, ""
+
+
+def content_reason(shard: Path, entry: dict) -> str:
+    """Why the shard's bytes are not those the manifest describes (its sha256), else ''."""
+    return "" if sha256_file(shard) == entry["sha256"] else "its content differs from the sha256 in manifest.json"
 
 
 def _layout_reason(shard: Path, rows: list[Row], size: int) -> str:

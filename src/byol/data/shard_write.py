@@ -21,10 +21,9 @@ import numpy as np
 
 from byol.data.errors import DataError
 from byol.data.folder import ImageFolderDataset
+from byol.data.shard_index import FORMAT
 from byol.data.shards import MANIFEST
 from byol.files import atomic_path, atomic_write_text, sha256_file
-
-FORMAT = "byol-shards/1"
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -30,7 +30,7 @@ from byol.data.errors import DataError
 from byol.data.folder import _limit_indices, _validate_args
 from byol.data.headers import DEFAULT_MAX_PIXELS, HEAD_BYTES, header_kind
 from byol.data.seeded import SeededSamples
-from byol.data.shard_index import CONTENT_DIFFERS, Row, checked_index, walk_tar
+from byol.data.shard_index import Row, checked_index, content_reason, listed_shards, walk_tar
 from byol.data.skips import SkipRecords
 
 MANIFEST = "manifest.json"
@@ -69,7 +69,9 @@ def expand_shards(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def read_manifest(folder: Path) -> dict | None:
+def read_manifest(folder: Path) -> object:
+    """The parsed manifest.json beside the shards (None when there is none); what it holds is
+    checked by ``shard_index.listed_shards``."""
     import json
 
     p = folder / MANIFEST
@@ -79,11 +81,6 @@ def read_manifest(folder: Path) -> dict | None:
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"data.path: cannot read shard manifest {p}: {e}") from None
-
-
-def _listed_names(entry: dict) -> list | None:
-    index = entry.get("index")
-    return index.get("names") if isinstance(index, dict) else None
 
 
 def check_bytes(data: bytes) -> str | None:
@@ -127,51 +124,82 @@ class ShardDataset(SkipRecords, torch.utils.data.Dataset):
         self._bad_at_load: set[int] = set()
         folder = Path(path) if Path(self.path).is_dir() else self.shards[0].parent
         manifest = read_manifest(folder)
-        listed = {e.get("name"): e for e in (manifest or {}).get("shards", []) if isinstance(e, dict)}
-        self._check_listed_shards(folder, listed)
-        samples: list[tuple[int, str, int, int]] = []  # (shard, member, offset, size)
-        cls: list[int | None] = []
-        for s, shard in enumerate(self.shards):
-            for member, offset, size, label in self._index(shard, listed.get(shard.name), verify == "full", seed):
-                samples.append((s, member, offset, size))
-                cls.append(label)
+        listed, self.manifest_note = listed_shards(manifest)
+        self._check_listed_shards(folder, listed or {})
+        samples, cls = self._index_all(listed or {}, seed)
         self.found = len(samples)
         keep = _limit_indices(len(samples), limit, seed)
         samples, cls = [samples[i] for i in keep], [cls[i] for i in keep]
-        if verify == "full":
+        if verify == "full":  # the shards this run reads (data.limit: only those), then every image
+            self._check_contents(listed or {}, sorted({smp[0] for smp in samples}))
             good = [i for i, smp in enumerate(samples) if self._full_check(smp)]
             samples, cls = [samples[i] for i in good], [cls[i] for i in good]
+        samples, cls = self._drop_unlabelled(samples, cls)
         if not samples:
             raise DataError(f"data.path: no usable images in the shards {self.path}"
                             f" ({len(self.skipped)} samples skipped as bad)")
         self.samples = samples
         self.shard_of = [smp[0] for smp in samples]
-        labelled = all(c is not None for c in cls)
+        labelled = bool(cls) and cls[0] is not None
         self.labels: list[int] | None = [int(c) for c in cls] if labelled else None
-        names = list((manifest or {}).get("classes") or [])
+        names = [str(c) for c in manifest.get("classes") or []] if listed and isinstance(
+            manifest.get("classes"), list) else []
         if labelled and not names:
             names = [str(c) for c in range(max(self.labels) + 1)]
         self.classes: list[str] = names if labelled else []
 
+    def _index_all(self, listed: dict[str, dict], seed: int) -> tuple[list[tuple[int, str, int, int]], list]:
+        """(shard, member, offset, size) and the label (or None) of every sample of every shard."""
+        samples: list[tuple[int, str, int, int]] = []
+        cls: list[int | None] = []
+        for s, shard in enumerate(self.shards):
+            for member, offset, size, label in self._index(shard, listed.get(shard.name), seed):
+                samples.append((s, member, offset, size))
+                cls.append(label)
+        return samples, cls
+
+    def _check_contents(self, listed: dict[str, dict], shards: list[int]) -> None:
+        for s in shards:
+            entry = listed.get(self.shards[s].name)
+            why = content_reason(self.shards[s], entry) if entry is not None else ""
+            if why:
+                self._record_bad(str(self.shards[s]), f"disagrees with {MANIFEST}: {why} (its images are "
+                                                      "each decoded: data.verify=full)")
+
+    def _drop_unlabelled(self, samples: list, cls: list) -> tuple[list, list]:
+        """In a set where some samples have a ``.cls``, the ones without are bad samples (a label
+        lost in a cut tar, say): the others keep their labels."""
+        if all(c is None for c in cls) or all(c is not None for c in cls):
+            return samples, cls
+        keep = []
+        for i, (smp, c) in enumerate(zip(samples, cls)):
+            if c is None:
+                self._record_bad(f"{self.shards[smp[0]]}:{smp[1]}", "no .cls member, in a labelled shard set")
+            else:
+                keep.append(i)
+        return [samples[i] for i in keep], [cls[i] for i in keep]
+
     def _check_listed_shards(self, folder: Path, listed: dict[str, dict]) -> None:
         """``listed_samples``: what the manifest lists for the shards ``data.path`` covers (every
-        shard it lists, for a folder; None without a manifest); ``unlisted``: the shards read that
-        it does not list. A listed shard missing from a folder is a bad sample of ``bad_files``."""
+        shard it lists, for a folder; None without a manifest byol reads); ``unlisted``: the shards
+        read that it does not list. A listed shard missing from a folder is a bad sample of
+        ``bad_files``."""
         self.manifest = folder / MANIFEST if listed else None
         self.unlisted = [p for p in self.shards if listed and p.name not in listed]
         present = {p.name for p in self.shards}
         covered = listed if Path(self.path).is_dir() else {n: e for n, e in listed.items() if n in present}
-        self.listed_samples = sum(int(e.get("samples") or 0) for e in covered.values()) if listed else None
+        self.listed_samples = sum(e["samples"] for e in covered.values()) if listed else None
         for name, entry in covered.items():
             if name not in present:
                 self._record_bad(str(folder / name), f"missing shard: {MANIFEST} lists it with "
-                                                     f"{entry.get('samples')} samples")
+                                                     f"{entry['samples']} samples")
 
     def describe(self) -> str:
         """One line for the start summary: the samples read, against what the manifest lists."""
         n, shards = len(self), f"{len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}"
         if self.listed_samples is None:
-            return f"{n} samples in {shards} (no {MANIFEST}: indexed from the tar headers)"
+            why = f"{MANIFEST} ignored: {self.manifest_note}" if self.manifest_note else f"no {MANIFEST}"
+            return f"{n} samples in {shards} ({why}: indexed from the tar headers)"
         line = f"{n} samples in {shards}, of the {self.listed_samples} that {self.manifest} lists"
         if self.found != n:
             line += f" ({self.found} found)"
@@ -184,22 +212,23 @@ class ShardDataset(SkipRecords, torch.utils.data.Dataset):
             raise DataError(f"bad sample {where}: {reason} (set data.bad_files=skip to skip such samples)")
         self._note_skip(where, reason)
 
-    def _index(self, shard: Path, entry: dict | None, full: bool, seed: int) -> list[Row]:
+    def _index(self, shard: Path, entry: dict | None, seed: int) -> list[Row]:
         """The samples of ``shard``: its manifest ``entry``'s index when the tar agrees with it
         (``checked_index``), else the tar's headers, every bad member and a disagreement with
         the manifest following ``bad_files``."""
         why = ""
         if entry is not None:
-            rows, why = checked_index(shard, entry, full=full, seed=seed)
+            rows, why = checked_index(shard, entry, seed=seed)
             if rows is not None:
                 return rows
         rows, problems = walk_tar(shard)
         for where, reason in problems:
             self._record_bad(where, reason)
-        if entry is not None and (why == CONTENT_DIFFERS or [r[0] for r in rows] != _listed_names(entry)):
-            listed = _listed_names(entry)
+        listed = entry["index"].get("names") if entry is not None else None
+        if entry is not None and [r[0] for r in rows] != listed:
+            count = len(listed) if isinstance(listed, list) else 0
             self._record_bad(str(shard), f"disagrees with {MANIFEST}: {why}; the tar holds {len(rows)} usable "
-                                         f"samples, {MANIFEST}'s index lists {len(listed or [])}")
+                                         f"samples, {MANIFEST}'s index lists {count}")
         return rows
 
     def _full_check(self, sample: tuple[int, str, int, int]) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch.utils.data import get_worker_info
 
-from byol.files import atomic_write_text
+from byol.files import atomic_path
 
 Record = tuple[str, str]  # (file, or SHARD:MEMBER, reason)
 
@@ -48,11 +48,12 @@ class SkipRecords:
 
 
 def read_shared(folder: str | os.PathLike | None) -> list[Record]:
-    """The records the workers wrote into ``folder`` (a torn last line is dropped)."""
+    """The records the workers wrote into ``folder`` and its subfolders (a torn last line is
+    dropped)."""
     out: list[Record] = []
     if folder is None or not Path(folder).is_dir():
         return out
-    for path in sorted(Path(folder).glob("*.jsonl")):
+    for path in sorted(Path(folder).rglob("*.jsonl")):  # rankK/ too: other ranks' folders
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 where, reason = json.loads(line)
@@ -62,9 +63,15 @@ def read_shared(folder: str | os.PathLike | None) -> list[Record]:
     return out
 
 
+def _one_field(x: object) -> str:
+    """A record's field as skipped_files.tsv holds it: no tab, no line break."""
+    return " ".join(str(x).replace("\t", " ").splitlines())
+
+
 def unique(records) -> list[Record]:
-    """``records`` without repeats (a bad file met by several workers, or in several epochs)."""
-    return list(dict.fromkeys((str(w), str(r)) for w, r in records))
+    """``records`` without repeats (a bad file met by several workers, or in several epochs, or
+    already in skipped_files.tsv), each field as the file holds it."""
+    return list(dict.fromkeys((_one_field(w), _one_field(r)) for w, r in records))
 
 
 def read_skipped(path: str | os.PathLike) -> list[Record]:
@@ -72,15 +79,13 @@ def read_skipped(path: str | os.PathLike) -> list[Record]:
     p = Path(path)
     if not p.is_file():
         return []
-    rows = (line.split("\t", 1) for line in p.read_text(encoding="utf-8", errors="replace").splitlines())
+    rows = (line.split("\t", 1) for line in p.read_text(encoding="utf-8", errors="surrogateescape").splitlines())
     return [(r[0], r[1]) for r in rows if len(r) == 2]
 
 
 def write_skipped(skipped, path: str | os.PathLike) -> None:
-    """Write ``path<TAB>reason`` lines (one per skipped file) to ``path``, e.g. in a run dir."""
-    lines = []
-    for record in skipped:
-        # A tab or newline inside a field would break the one-record-per-line format.
-        file, reason = (" ".join(str(x).replace("\t", " ").splitlines()) for x in record)
-        lines.append(f"{file}\t{reason}\n")
-    atomic_write_text(path, "".join(lines))
+    """Write ``path<TAB>reason`` lines (one per skipped file) to ``path``, e.g. in a run dir. A file
+    name that is not UTF-8 keeps its bytes (as Python's file system encoding carries them)."""
+    text = "".join(f"{w}\t{r}\n" for w, r in unique(skipped))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(text.encode("utf-8", "surrogateescape"))

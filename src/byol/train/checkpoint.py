@@ -269,7 +269,7 @@ def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | 
             raise
         kept = f"{last} is intact" if last.exists() else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"cannot write a checkpoint in {ckpt_dir}: {why}; {kept}",
-                                   _errno(e)) from None
+                                   _errno(e)) from e
     if keep_as is not None:
         kept = ckpt_dir / keep_as
         try:
@@ -278,7 +278,7 @@ def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | 
             why = _refusal(e)
             if why is None:
                 raise
-            raise CheckpointWriteError(f"cannot keep {kept}: {why}; {last} is intact", _errno(e)) from None
+            raise CheckpointWriteError(f"cannot keep {kept}: {why}; {last} is intact", _errno(e)) from e
     return last
 
 

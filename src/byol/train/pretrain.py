@@ -29,7 +29,7 @@ from byol.data.skips import read_skipped, unique, write_skipped
 from byol.data.sources import heldout_split, open_images
 from byol.data.workers import default_workers
 from byol.eval.knn import evaluate_knn
-from byol.files import refused_write
+from byol.files import SHARED_MEMORY, refused_write
 from byol.train.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointWriteError,
@@ -103,9 +103,9 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
         why = refused_write(e)
         if why is None:
             raise
-        raise CheckpointWriteError(f"cannot write in {result.run_dir}: {why}; the checkpoints in "
-                                   f"{result.run_dir / CHECKPOINT_DIR} are intact",
-                                   getattr(e, "errno", None)) from None
+        where = "" if why.startswith(SHARED_MEMORY) else f"cannot write in {result.run_dir}: "
+        raise CheckpointWriteError(f"{where}{why}; the checkpoints in {result.run_dir / CHECKPOINT_DIR} are intact",
+                                   getattr(e, "errno", None)) from e  # BYOL_DEBUG=1 shows e
     return result
 
 
@@ -123,11 +123,17 @@ def _write_skipped(run_dir: Path, records) -> list:
 
 def _share_skips(source, run_dir: Path, rt: Runtime) -> Path | None:
     """Where this process and its loader workers record the samples they skip (byol.data.skips):
-    RUN/.skipped on rank 0 (a killed session's records stay there for its resume), a temporary
-    folder on the other ranks (whose run directory may be on another machine)."""
+    RUN/.skipped on rank 0, RUN/.skipped/rankK on rank K where it sees the run directory (a
+    killed session's records stay there for its resume, whose rank 0 reads them all), else a
+    temporary folder (a run directory on another machine)."""
     if not hasattr(source, "share_skips"):
         return None
-    folder = run_dir / SHARED_SKIPS if rt.main else Path(tempfile.mkdtemp(prefix=f"byol-skipped-rank{rt.rank}-"))
+    if rt.main:
+        folder = run_dir / SHARED_SKIPS
+    elif run_dir.is_dir():
+        folder = run_dir / SHARED_SKIPS / f"rank{rt.rank}"
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=f"byol-skipped-rank{rt.rank}-"))
     source.share_skips(folder)
     return folder
 
