@@ -17,7 +17,8 @@ def run(tmp_path_factory):
     """A tiny finished run on the built-in shapes (64 images, 16 held out)."""
     out = tmp_path_factory.mktemp("runs")
     code = main(["pretrain", "--config", "demo", *TINY, "data.shapes_size=64", "data.val_fraction=0.25",
-                 "optim.epochs=2", "eval.initial_knn=false", "eval.knn_every=1",
+                 "optim.epochs=2", "train.budget=null", "augment.eval_size=null", "eval.initial_knn=false",
+                 "eval.knn_every=1",
                  f"train.out_dir={out}", "train.name=tiny"])
     assert code == 0
     return out / "tiny"
@@ -64,7 +65,8 @@ def test_eval_knn_random_floor_and_a_changed_data_folder(run, tmp_path, capsys):
     data = write_shapes_folder(tmp_path / "imgs", n=24, classes=3)
     out = tmp_path / "runs"
     assert main(["pretrain", "--config", "demo", *TINY, f"data.path={data}", "data.dataset=folder",
-                 "data.val_fraction=0.25", "optim.epochs=1", f"train.out_dir={out}", "train.name=f"]) == 0
+                 "data.val_fraction=0.25", "optim.epochs=1", "train.budget=null", "augment.eval_size=null",
+                 f"train.out_dir={out}", "train.name=f"]) == 0
     shutil.copy(next((data / "circle").glob("*.jpg")), data / "circle" / "extra.jpg")
     _expect_error(capsys, ["eval", "knn", str(out / "f")], "the data changed")
 

@@ -239,7 +239,8 @@ def test_torchrun_command_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()), "-m", "byol", "pretrain", "--config", "demo", *TINY,
-           "data.shapes_size=40", "data.val_fraction=0.2", "optim.epochs=1", "train.device=cpu",
+           "data.shapes_size=40", "data.val_fraction=0.2", "optim.epochs=1", "train.budget=null",
+           "augment.eval_size=null", "train.device=cpu",
            f"train.out_dir={tmp_path}", "train.name=tr"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -28,6 +28,8 @@ def test_every_cell_of_every_grid_is_a_valid_config_that_differs(name):
     assert len({c.label for c in grid.cells}) == len(grid.cells) >= 5
     assert len({repr(c) for c in configs}) == len(configs)  # no two cells are the same run
     assert all(c.optim.epochs == 8 and c.eval.initial_knn for c in configs)
+    # a fixed length at 32 px, not the demo's time budget on 16-px crops
+    assert all(c.train.budget is None and c.augment.size == 32 and c.augment.eval_px == 32 for c in configs)
 
 
 def test_data_path_points_every_cell_at_a_folder():

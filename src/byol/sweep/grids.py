@@ -1,7 +1,7 @@
 """The named grids of ``byol sweep``: the ablations of docs/method.md §7 and §8 as short runs.
 
-Every cell is the ``demo`` config (the built-in shapes, a narrow ResNet-18, 32 px) shortened by
-:data:`SHORT`, plus the cell's own overrides; the user's overrides
+Every cell is the ``demo`` config (the built-in shapes, a narrow ResNet-18) at 32 px and a fixed
+length, :data:`SHORT`, plus the cell's own overrides; the user's overrides
 (``data.path=...``, ``optim.epochs=...``) come last and apply to every cell. A grid changes one
 thing at a time, so a cell's overrides are exactly what sets it apart.
 """
@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Every cell: 8 epochs (200 steps on the demo data), the kNN at random init (each cell's own
-# "random network" baseline) and at the end, collapse diagnostics every 25 steps, no kNN during
-# training and no online linear probe (not needed for the table; they cost time).
+# Every cell: 8 epochs (200 steps on the demo data) of 32-px views evaluated at 32 px, not the
+# demo's time budget (a cell is a fixed number of steps, the same on every machine), the kNN at
+# random init (each cell's own "random network" baseline) and at the end, collapse diagnostics
+# every 25 steps, no kNN during training and no online linear probe (not needed for the table;
+# they cost time).
 SHORT: dict[str, object] = {
     "optim.epochs": 8,
+    "train.budget": None,
+    "augment.size": 32,
+    "augment.eval_size": None,
     "eval.initial_knn": True,
     "eval.final_knn": True,
     "eval.knn_every": 0,

@@ -17,8 +17,10 @@ The rule (docs/method.md §4 for the schedules laid over the total):
 - Re-planning (``Replanner``): once fixed, the total is forecast again every ``REPLAN_FRACTION``
   of the budget, or every ``REPLAN_LEFT`` of the time left when that is shorter (counted in steps
   at the planned rate, so every rank checks at the same step; at least ``MEASURE_STEPS`` apart),
-  from the rate over the steps since the last check. A forecast within ``REPLAN_TOLERANCE`` of
-  the steps left changes nothing; otherwise the steps left change by at most ``REPLAN_BOUND``
+  from the rate over the last two intervals between checks (one interval that held a periodic
+  evaluation, or a moment of another process's work, weighs half). A forecast that moves the end
+  by less than ``REPLAN_TOLERANCE`` of the budget (in time) changes nothing; otherwise the steps
+  left change by at most ``REPLAN_BOUND``
   each time (a rate measured while another process was busy for a moment cannot wipe out the
   schedule's tail at once; a lasting change is followed over the next checks). Simulated in
   tests/test_budget.py: half the CPU taken from the middle of a 600-s run on ends it at 600 s. Each new total is saved
@@ -51,7 +53,7 @@ MEASURE_FRACTION = 0.05  # and at least this share of the budget (30 s of 10 min
 
 REPLAN_FRACTION = 0.1  # the total is forecast again every 10% of the budget,
 REPLAN_LEFT = 0.25  # or every quarter of the time left, when that is shorter (the end nears)
-REPLAN_TOLERANCE = 0.02  # a forecast within 2% of the steps left (or 1 step) changes nothing
+REPLAN_TOLERANCE = 0.01  # a forecast that moves the end by less than 1% of the budget changes nothing
 REPLAN_BOUND = 0.5  # one re-plan changes the steps left by at most half
 MIN_TRAINING_SHARE = 0.1  # training keeps at least this share of a budget the evaluations would eat
 
@@ -114,23 +116,27 @@ class Replan:
 
 class Replanner:
     """The checks of a fixed total, from ``step`` on (see the module's rule). ``checks`` is its
-    whole state, ``[last check's step, its training time, next check's step]``: saved in the
-    checkpoint, so that a resumed run checks at the steps the uninterrupted one would."""
+    whole state, ``[step and training time of the check before the last, of the last check, the
+    next check's step]``: saved in the checkpoint, so that a resumed run checks at the steps the
+    uninterrupted one would."""
 
     def __init__(self, budget_s: float, step: int, elapsed_s: float, total: int,
                  checks: list | None = None) -> None:
         self.budget_s = budget_s
-        if checks is not None:
-            self.last_step, self.last_t, self.next_step = int(checks[0]), float(checks[1]), int(checks[2])
+        if checks is not None and len(checks) == 5:
+            self.base = (int(checks[0]), float(checks[1]))
+            self.last = (int(checks[2]), float(checks[3]))
+            self.next_step = int(checks[4])
         else:
+            self.base = (step, elapsed_s)
             self._from(step, elapsed_s, total)
 
     @property
     def checks(self) -> list:
-        return [self.last_step, self.last_t, self.next_step]
+        return [*self.base, *self.last, self.next_step]
 
     def _from(self, step: int, elapsed_s: float, total: int) -> None:
-        self.last_step, self.last_t = step, elapsed_s
+        self.last = (step, elapsed_s)
         left_s = self.budget_s - elapsed_s
         planned_rate = (total - step) / left_s if left_s > 0 else math.inf
         every = min(REPLAN_FRACTION * self.budget_s, REPLAN_LEFT * left_s) * planned_rate
@@ -140,17 +146,18 @@ class Replanner:
         return step == self.next_step
 
     def after_step(self, step: int, elapsed_s: float, total: int) -> Replan | None:
-        """At a check: the new total when the rate since the last check moves it enough."""
+        """At a check: the new total when the rate over the last two intervals moves it enough."""
         if step != self.next_step or step >= total:
             return None
-        measured = step - self.last_step
-        rate = measured / max(elapsed_s - self.last_t, 1e-9)
+        measured = step - self.base[0]
+        rate = measured / max(elapsed_s - self.base[1], 1e-9)
         forecast = total_steps(step, elapsed_s, rate, self.budget_s)
         left = total - step
         bounded = min(max(forecast, step + math.floor(left * (1 - REPLAN_BOUND))),
                       step + math.ceil(left * (1 + REPLAN_BOUND)))
-        changed = abs(bounded - total) > max(1.0, REPLAN_TOLERANCE * left)
+        changed = abs(bounded - total) > max(1.0, REPLAN_TOLERANCE * self.budget_s * rate)
         new = bounded if changed else total
+        self.base = self.last
         self._from(step, elapsed_s, new)
         return Replan(new, total, step, rate, measured, elapsed_s, self.budget_s) if changed else None
 
