@@ -306,3 +306,25 @@ def test_the_budget_covers_the_whole_command_with_its_evaluations(tmp_path, fake
     # 6 steps/epoch (48 training images); fixed at 13 after 6.5 s: 13.5 s left at 2 steps/s -> 40
     assert result.finished and result.step == extra["planned_steps"] == 40
     assert result.knn is not None and fake_clock[0] - start == pytest.approx(30.0)
+
+
+def test_without_an_initial_knn_the_final_one_is_estimated_from_a_few_batches(tmp_path, monkeypatch):
+    """The reserve for the final kNN, when none was timed at the start: a few held-out batches
+    timed, scaled to the bank and the test images; the run's random draws are untouched."""
+    from byol.data.pretrain import build_pretrain_data
+    from byol.train import pretrain as pretrain_module
+    from byol.train.runtime import Runtime
+    from byol.train.setup import build_model_and_optimizer
+
+    cfg = load_config(None, [*TINY, "data.dataset=shapes", "data.shapes_size=64", "data.val_fraction=0.25",
+                             "eval.batch_size=4"])
+    data = build_pretrain_data(cfg)
+    model, _ = build_model_and_optimizer(cfg, torch.device("cpu"))
+    ticks = iter(range(100))
+    monkeypatch.setattr(pretrain_module, "clock_now", lambda: float(next(ticks)))  # 1 s between reads
+    rt = Runtime(torch.device("cpu"), "fp32", torch.channels_last, 0, 0, 1)
+    before = torch.get_rng_state()
+    seconds = pretrain_module._knn_seconds(cfg, model, data, rt)
+    assert torch.equal(torch.get_rng_state(), before)
+    # 12 test images in batches of 4: the first batch untimed, 8 images in 1 s; 48 + 16 images
+    assert (len(data.bank), len(data.test)) == (48, 16) and seconds == pytest.approx(1.1 * 64 / 8)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from byol import distributed
 from byol.auto.choose import Chosen, auto_comments, choose_settings
@@ -28,6 +29,7 @@ from byol.data.pretrain import build_pretrain_data
 from byol.data.skips import read_skipped, unique, write_skipped
 from byol.data.sources import heldout_split, open_images
 from byol.data.workers import default_workers
+from byol.eval.features import iter_features
 from byol.eval.knn import evaluate_knn
 from byol.files import SHARED_MEMORY, refused_write
 from byol.train.checkpoint import (
@@ -181,7 +183,10 @@ def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, resul
         write_json(run_dir / "eval" / "knn_init.json", result.knn_init)
     distributed.barrier()
     # a budget's reserve: what the command spent so far, and the final kNN (the initial one's work)
-    final_knn_s = knn_s if cfg.eval.final_knn and data.bank is not None else 0.0
+    final_knn_s = 0.0
+    if (cfg.train.budget is not None and state.budget_s is None and cfg.eval.final_knn and data.bank is not None
+            and rt.main):  # a new budget (a resume keeps the training budget it had)
+        final_knn_s = knn_s or _knn_seconds(cfg, state.model, data, rt)
     reserve_s = distributed.broadcast_object(clock_now() - started + final_knn_s)  # rank 0's: one plan
     monitors = Monitors(cfg, state, data, rt.device, rt.workers)
     start_step = state.step
@@ -211,6 +216,26 @@ def _knn(cfg: Config, model, data, rt: Runtime) -> dict:
         temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size, device=rt.device,
         workers=rt.workers, progress=cfg.train.progress,
     )
+
+
+def _knn_seconds(cfg: Config, model, data, rt: Runtime, batches: int = 3) -> float:
+    """What a kNN evaluation will take, when no initial one was timed: the features of a few
+    held-out batches (the first one untimed: kernels, allocator) scaled to the bank and the test
+    images, plus a tenth for the rest (similarities, the online classifier's pass)."""
+    n = min(len(data.test), batches * cfg.eval.batch_size)
+    first = min(n, cfg.eval.batch_size)
+    if n <= first:
+        return 0.0
+    devices = [rt.device] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the loader draws a seed: the run's draws stay the same
+        feats = iter_features(model.encoder, Subset(data.test, range(n)), batch_size=cfg.eval.batch_size,
+                              device=rt.device, workers=rt.workers)
+        next(feats)
+        t = clock_now()
+        for _ in feats:
+            pass
+        per_image = (clock_now() - t) / (n - first)
+    return 1.1 * per_image * (len(data.bank) + len(data.test))
 
 
 def _check_same_data(state: TrainState, data, cfg: Config) -> None:
