@@ -199,7 +199,8 @@ def _simulate(budget_s: float, step_s, steps_cap: int = 100_000):
             replan = replanner.after_step(step, t, total)
             if replan is not None:
                 left = replan.was - step
-                assert abs(replan.total - replan.was) <= math.ceil(REPLAN_BOUND * left)  # bounded
+                spent = replan.elapsed_s >= budget_s and replan.total == step  # ends at once
+                assert spent or abs(replan.total - replan.was) <= math.ceil(REPLAN_BOUND * left)  # bounded
                 total = replan.total
                 totals.append(total)
     return step, t, totals
@@ -219,6 +220,14 @@ def test_a_busy_process_from_halfway_on_still_ends_within_the_budget_plus_5_perc
     assert 600.0 * 0.95 <= t <= 600.0 * 1.05, t
     without, t_without, _ = _simulate(600.0, lambda t: 0.5 if t < busy_from else 1.0, steps_cap=10**9)
     assert t_without == t  # (the same simulation: deterministic)
+
+
+@pytest.mark.parametrize("from_s", [31.0, 100.0, 300.0])
+def test_a_machine_ten_times_slower_is_checked_as_often_and_ends_near_its_budget(from_s):
+    """A lasting 10x slowdown: the next check is spaced at the measured rate (not k times later),
+    and a budget found spent ends the run at that check instead of halving the steps left."""
+    step, t, totals = _simulate(600.0, lambda t: 0.5 if t < from_s else 5.0)
+    assert totals[-1] == step and t <= 600.0 * 1.1, (t, totals)
 
 
 def test_a_machine_that_gets_faster_gets_more_steps_and_still_ends_on_time():

@@ -17,8 +17,8 @@ The rule (docs/method.md §4 for the schedules laid over the total):
 - Re-planning (``Replanner``): once fixed, the total is forecast again every ``REPLAN_FRACTION``
   of the budget, or every ``REPLAN_LEFT`` of the time left when that is shorter (counted in steps
   at the planned rate, so every rank checks at the same step; at least ``MEASURE_STEPS`` apart),
-  from the rate over the last two intervals between checks (one interval that held a periodic
-  evaluation, or a moment of another process's work, weighs half). A forecast that moves the end
+  from the rate over the last two intervals between checks (so one interval that held a periodic
+  evaluation, or a moment of another process's work, is averaged with the one before). A forecast that moves the end
   by less than ``REPLAN_TOLERANCE`` of the budget (in time) changes nothing; otherwise the steps
   left change by at most ``REPLAN_BOUND``
   each time (a rate measured while another process was busy for a moment cannot wipe out the
@@ -135,11 +135,13 @@ class Replanner:
     def checks(self) -> list:
         return [*self.base, *self.last, self.next_step]
 
-    def _from(self, step: int, elapsed_s: float, total: int) -> None:
+    def _from(self, step: int, elapsed_s: float, total: int, measured_rate: float = math.inf) -> None:
+        """The next check, spaced in steps at the planned rate, or at the measured one when that is
+        lower (a machine that slowed down is checked again as soon in time as one that did not)."""
         self.last = (step, elapsed_s)
         left_s = self.budget_s - elapsed_s
         planned_rate = (total - step) / left_s if left_s > 0 else math.inf
-        every = min(REPLAN_FRACTION * self.budget_s, REPLAN_LEFT * left_s) * planned_rate
+        every = min(REPLAN_FRACTION * self.budget_s, REPLAN_LEFT * left_s) * min(planned_rate, measured_rate)
         self.next_step = step + max(MEASURE_STEPS, math.ceil(every) if math.isfinite(every) else MEASURE_STEPS)
 
     def wants_time(self, step: int) -> bool:
@@ -155,10 +157,12 @@ class Replanner:
         left = total - step
         bounded = min(max(forecast, step + math.floor(left * (1 - REPLAN_BOUND))),
                       step + math.ceil(left * (1 + REPLAN_BOUND)))
+        if elapsed_s >= self.budget_s:  # the budget is spent: end now, whatever the bound
+            bounded = step
         changed = abs(bounded - total) > max(1.0, REPLAN_TOLERANCE * self.budget_s * rate)
         new = bounded if changed else total
         self.base = self.last
-        self._from(step, elapsed_s, new)
+        self._from(step, elapsed_s, new, rate)
         return Replan(new, total, step, rate, measured, elapsed_s, self.budget_s) if changed else None
 
 
