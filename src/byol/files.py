@@ -38,7 +38,7 @@ _REFUSAL_TEXT = re.compile(r"os error (?:28|122|30|27)\b|no space left on device
                            r"inline_container\.cc.*unexpected pos|file write failed", re.IGNORECASE)
 
 
-def _chain(exc: BaseException):
+def exception_chain(exc: BaseException | None):
     """``exc`` and the exceptions it was raised from or while handling (as a traceback shows them)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -52,18 +52,29 @@ SHARED_MEMORY = "no space left in shared memory"
 _SHM_TEXT = re.compile(r"shared memory|/dev/shm", re.IGNORECASE)
 
 
+def first_oserror(exc: BaseException | None) -> OSError | None:
+    """The first OSError in ``exc``'s chain (its errno and file name), if any."""
+    return next((e for e in exception_chain(exc) if isinstance(e, OSError)), None)
+
+
+def errno_of(exc: BaseException | None) -> int | None:
+    """The operating system's code of the first OSError in ``exc``'s chain, if any."""
+    os_error = first_oserror(exc)
+    return os_error.errno if os_error is not None else None
+
+
 def refused_write(exc: BaseException) -> str | None:
     """Why the storage refused a write, when ``exc`` says so in whatever layer raised it (an
     OSError with a disk errno, also as the context of torch's zip-writer error, or the text of a
     writer that keeps no errno); None for any other error. Lower case, e.g. "no space left on device".
     A DataLoader worker that found /dev/shm full is named as such: the run's disk is not full."""
-    if any(_SHM_TEXT.search(str(e)) for e in _chain(exc)):
+    if any(_SHM_TEXT.search(str(e)) for e in exception_chain(exc)):
         return (f"{SHARED_MEMORY} (/dev/shm) for the loader workers: set data.num_workers=0, or give "
                 "the container more (docker run --shm-size)")
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             return os.strerror(e.errno).lower()
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         text = str(e)
         if _REFUSAL_TEXT.search(text):
             if re.search(r"os error 28\b|no space left", text, re.IGNORECASE):

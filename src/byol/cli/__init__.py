@@ -31,7 +31,7 @@ from byol.cli.look import add_look_parsers
 from byol.cli.report import add_report_parsers
 from byol.cli.sweep import add_sweep_parsers
 from byol.cli.train import add_train_parsers
-from byol.files import refused_write
+from byol.files import first_oserror, refused_write
 from byol.train.checkpoint import CheckpointWriteError
 from byol.train.guard import TrainingDiverged
 
@@ -95,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _written_file(exc: BaseException) -> str:
     """The file a refused write was for, when an OSError in the chain names it."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.filename:
-            return str(exc.filename)
-        exc = exc.__cause__ or exc.__context__
-    return "the output"
+    os_error = first_oserror(exc)
+    return str(os_error.filename) if os_error is not None and os_error.filename else "the output"
 

@@ -83,9 +83,12 @@ def read_skipped(path: str | os.PathLike) -> list[Record]:
     return [(r[0], r[1]) for r in rows if len(r) == 2]
 
 
-def write_skipped(skipped, path: str | os.PathLike) -> None:
-    """Write ``path<TAB>reason`` lines (one per skipped file) to ``path``, e.g. in a run dir. A file
-    name that is not UTF-8 keeps its bytes (as Python's file system encoding carries them)."""
-    text = "".join(f"{w}\t{r}\n" for w, r in unique(skipped))
+def write_skipped(skipped, path: str | os.PathLike) -> list[Record]:
+    """Write ``path<TAB>reason`` lines (one per skipped file, each once) to ``path``, e.g. in a run
+    dir; -> the records written. A file name that is not UTF-8 keeps its bytes (as Python's file
+    system encoding carries them)."""
+    records = unique(skipped)
+    text = "".join(f"{w}\t{r}\n" for w, r in records)
     with atomic_path(path) as tmp:
         tmp.write_bytes(text.encode("utf-8", "surrogateescape"))
+    return records

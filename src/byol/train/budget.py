@@ -1,4 +1,4 @@
-"""A time budget for a run (``train.budget=10m``): measure the step rate, then fix the total steps.
+"""A time budget for a run (``train.budget=10m``): measure the step rate, fix the total steps, re-plan it.
 
     seconds = parse_budget("1h30m")            # 5400.0; ConfigError for "10 minutes", "-5m", "0s"
     meter = BudgetMeter(seconds, start_step=state.step)
@@ -44,8 +44,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from byol.config.sections import parse_budget  # noqa: F401 (the duration rule lives with the config)
+import torch
+
+from byol import distributed
+from byol.config.sections import parse_budget  # the duration rule lives with the config
+
+if TYPE_CHECKING:  # the loop's parts that the budget steers
+    from byol.config import Config
+    from byol.train.loop import Clock, Plan
+    from byol.train.runtime import Runtime
+    from byol.train.state import TrainState
 
 WARMUP_STEPS = 3  # untimed steps first: kernel selection, allocator, caches
 MEASURE_STEPS = 10  # timed steps whose mean rate fixes the total: at least these
@@ -180,3 +190,55 @@ def fixed_line(fixed: Fixed, steps_per_epoch: int, text: str) -> str:
             f"-> {fixed.total} steps in all (~{epochs:.2f} epochs; optim.epochs ignored), re-planned as the "
             f"rate changes. The budget covers the whole command: the start-up and the initial and final kNN "
             f"are taken out of the training time")
+
+
+class Budget:
+    """train.budget in the loop: time a window of the first steps, fix the plan's total, then
+    re-plan it as the rate changes (the rule above). Nothing to do without a budget. ``reserve_s``: what the command
+    spends outside training (start-up, initial and final kNN), taken out of the budget once; the
+    training budget and the re-planning's checks are kept in the checkpoint (``state.budget_s``,
+    ``state.budget_checks``) for a resume."""
+
+    def __init__(self, cfg: Config, plan: Plan, state: TrainState, reserve_s: float = 0.0) -> None:
+        self.text = cfg.train.budget
+        self.meter = self.replanner = None
+        if self.text is None:
+            return
+        if state.budget_s is None:  # a new run (or one from before budgets were kept)
+            whole = parse_budget(self.text)
+            state.budget_s = max(whole - reserve_s, MIN_TRAINING_SHARE * whole)
+        if plan.total is None:
+            self.meter = BudgetMeter(state.budget_s, state.step)
+        else:  # a resumed run whose total is fixed: the checks where the last session left them
+            self.replanner = Replanner(state.budget_s, state.step, state.elapsed_s, plan.total, state.budget_checks)
+            state.budget_checks = self.replanner.checks
+
+    def _wants_time(self, step: int) -> bool:
+        return ((self.meter is not None and self.meter.wants_time(step))
+                or (self.replanner is not None and self.replanner.wants_time(step)))
+
+    def after_step(self, state: TrainState, plan: Plan, clock: Clock, rt: Runtime, log) -> None:
+        if not self._wants_time(state.step):
+            return
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)  # the steps queued so far are done: the clock is true
+        clock.fold()
+        # rank 0's clock on every rank: each rank's meter then extends its window to the same steps
+        # and fixes the same total (their own clocks differ a little, and a rank that asks for the
+        # time at another step than the others would wait in this broadcast forever)
+        elapsed = distributed.broadcast_object(state.elapsed_s)
+        if self.meter is not None:
+            fixed = self.meter.after_step(state.step, elapsed)
+            if fixed is not None:
+                self.meter, state.planned_steps = None, fixed.total
+                plan.fix(fixed.total)
+                self.replanner = Replanner(state.budget_s, state.step, elapsed, fixed.total)
+                log.fixed(state.step, fixed, plan, fixed_line(fixed, plan.steps_per_epoch, self.text))
+        else:
+            replan = self.replanner.after_step(state.step, elapsed, plan.total)
+            if replan is not None:
+                state.planned_steps = replan.total
+                plan.fix(replan.total)
+                log.replanned(replan, plan)
+        if self.replanner is not None:
+            state.budget_checks = self.replanner.checks

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from byol.data.errors import DataError
-from byol.files import atomic_path, refused_write
+from byol.files import atomic_path, errno_of, refused_write
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -269,7 +269,7 @@ def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | 
             raise
         kept = f"{last} is intact" if last.exists() else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"cannot write a checkpoint in {ckpt_dir}: {why}; {kept}",
-                                   _errno(e)) from e
+                                   errno_of(e)) from e
     if keep_as is not None:
         kept = ckpt_dir / keep_as
         try:
@@ -278,7 +278,7 @@ def save_checkpoint(sd: dict[str, Any], ckpt_dir: str | Path, *, keep_as: str | 
             why = _refusal(e)
             if why is None:
                 raise
-            raise CheckpointWriteError(f"cannot keep {kept}: {why}; {last} is intact", _errno(e)) from e
+            raise CheckpointWriteError(f"cannot keep {kept}: {why}; {last} is intact", errno_of(e)) from e
     return last
 
 
@@ -290,13 +290,6 @@ def _refusal(e: BaseException) -> str | None:
     if why is None and isinstance(e, OSError):
         why = e.strerror or str(e)
     return why
-
-
-def _errno(e: BaseException) -> int | None:
-    for x in (e, e.__context__, e.__cause__):
-        if isinstance(x, OSError) and x.errno is not None:
-            return x.errno
-    return None
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:

@@ -16,21 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from byol import distributed
 from byol.config import Config
 from byol.data.pipeline import TrainBatches
 from byol.optim import constant_tau, cosine_tau, scaled_lr, warmup_cosine_lr
-from byol.train.budget import (
-    MIN_TRAINING_SHARE,
-    BudgetMeter,
-    Replanner,
-    fixed_line,
-    parse_budget,
-    replan_line,
-)
+from byol.train.budget import Budget, replan_line
 from byol.train.checkpoint import CHECKPOINT_DIR, CheckpointWriteError, save_checkpoint
 from byol.train.guard import NonFiniteGuard
 from byol.train.monitors import Monitors, progress_postfix, val_row
@@ -125,58 +117,6 @@ class Clock:
         spent = self.now() - t
         self._t += spent
         self._t_log += spent
-
-
-class Budget:
-    """train.budget: time a window of the first steps, fix the plan's total, then re-plan it as the
-    rate changes (train/budget.py). Nothing to do without a budget. ``reserve_s``: what the command
-    spends outside training (start-up, initial and final kNN), taken out of the budget once; the
-    training budget and the re-planning's checks are kept in the checkpoint (``state.budget_s``,
-    ``state.budget_checks``) for a resume."""
-
-    def __init__(self, cfg: Config, plan: Plan, state: TrainState, reserve_s: float = 0.0) -> None:
-        self.text = cfg.train.budget
-        self.meter = self.replanner = None
-        if self.text is None:
-            return
-        if state.budget_s is None:  # a new run (or one from before budgets were kept)
-            whole = parse_budget(self.text)
-            state.budget_s = max(whole - reserve_s, MIN_TRAINING_SHARE * whole)
-        if plan.total is None:
-            self.meter = BudgetMeter(state.budget_s, state.step)
-        else:  # a resumed run whose total is fixed: the checks where the last session left them
-            self.replanner = Replanner(state.budget_s, state.step, state.elapsed_s, plan.total, state.budget_checks)
-            state.budget_checks = self.replanner.checks
-
-    def _wants_time(self, step: int) -> bool:
-        return ((self.meter is not None and self.meter.wants_time(step))
-                or (self.replanner is not None and self.replanner.wants_time(step)))
-
-    def after_step(self, state: TrainState, plan: Plan, clock: Clock, rt: Runtime, log) -> None:
-        if not self._wants_time(state.step):
-            return
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)  # the steps queued so far are done: the clock is true
-        clock.fold()
-        # rank 0's clock on every rank: each rank's meter then extends its window to the same steps
-        # and fixes the same total (their own clocks differ a little, and a rank that asks for the
-        # time at another step than the others would wait in this broadcast forever)
-        elapsed = distributed.broadcast_object(state.elapsed_s)
-        if self.meter is not None:
-            fixed = self.meter.after_step(state.step, elapsed)
-            if fixed is not None:
-                self.meter, state.planned_steps = None, fixed.total
-                plan.fix(fixed.total)
-                self.replanner = Replanner(state.budget_s, state.step, elapsed, fixed.total)
-                log.fixed(state.step, fixed, plan, fixed_line(fixed, plan.steps_per_epoch, self.text))
-        else:
-            replan = self.replanner.after_step(state.step, elapsed, plan.total)
-            if replan is not None:
-                state.planned_steps = replan.total
-                plan.fix(replan.total)
-                log.replanned(replan, plan)
-        if self.replanner is not None:
-            state.budget_checks = self.replanner.checks
 
 
 def train_loop(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, monitors: Monitors,

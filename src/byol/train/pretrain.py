@@ -10,9 +10,7 @@ train/checkpoint.py (checkpoints).
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +24,11 @@ from byol.config.loading import leading_comments
 from byol.config.sections import auto_keys
 from byol.data.errors import DataError
 from byol.data.pretrain import build_pretrain_data
-from byol.data.skips import read_skipped, unique, write_skipped
 from byol.data.sources import heldout_split, open_images
 from byol.data.workers import default_workers
 from byol.eval.features import iter_features
 from byol.eval.knn import evaluate_knn
-from byol.files import SHARED_MEMORY, refused_write
+from byol.files import SHARED_MEMORY, errno_of, refused_write
 from byol.train.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointWriteError,
@@ -48,6 +45,7 @@ from byol.train.monitors import Monitors, final_eval, make_probe
 from byol.train.rundir import open_new_run, start_summary, truncate_metrics, write_json, write_summary
 from byol.train.runtime import Runtime, start_runtime
 from byol.train.setup import build_model_and_optimizer
+from byol.train.skipped import collect_skips, merge_skipped, share_skips
 from byol.train.state import TrainState
 
 
@@ -107,48 +105,8 @@ def pretrain(cfg: Config, *, resume: str | Path | None = None, stem: str = "byol
             raise
         where = "" if why.startswith(SHARED_MEMORY) else f"cannot write in {result.run_dir}: "
         raise CheckpointWriteError(f"{where}{why}; the checkpoints in {result.run_dir / CHECKPOINT_DIR} are intact",
-                                   getattr(e, "errno", None)) from e  # BYOL_DEBUG=1 shows e
+                                   errno_of(e)) from e  # BYOL_DEBUG=1 shows e
     return result
-
-
-SKIPPED = "skipped_files.tsv"
-SHARED_SKIPS = ".skipped"  # the loader processes' records until they reach skipped_files.tsv
-
-
-def _write_skipped(run_dir: Path, records) -> list:
-    """skipped_files.tsv := its records so far (an earlier session's) + ``records``, each once."""
-    merged = unique([*read_skipped(run_dir / SKIPPED), *records])
-    if merged:
-        write_skipped(merged, run_dir / SKIPPED)
-    return merged
-
-
-def _share_skips(source, run_dir: Path, rt: Runtime) -> Path | None:
-    """Where this process and its loader workers record the samples they skip (byol.data.skips):
-    RUN/.skipped on rank 0, RUN/.skipped/rankK on rank K where it sees the run directory (a
-    killed session's records stay there for its resume, whose rank 0 reads them all), else a
-    temporary folder (a run directory on another machine)."""
-    if not hasattr(source, "share_skips"):
-        return None
-    if rt.main:
-        folder = run_dir / SHARED_SKIPS
-    elif run_dir.is_dir():
-        folder = run_dir / SHARED_SKIPS / f"rank{rt.rank}"
-    else:
-        folder = Path(tempfile.mkdtemp(prefix=f"byol-skipped-rank{rt.rank}-"))
-    source.share_skips(folder)
-    return folder
-
-
-def _collect_skips(source, shared: Path | None, run_dir: Path, rt: Runtime) -> list:
-    """Every rank's skipped samples (its own and its workers'), merged into rank 0's
-    skipped_files.tsv; -> the merged records (on rank 0; [] elsewhere). Every rank calls it."""
-    mine = source.collect_skipped() if hasattr(source, "collect_skipped") else list(getattr(source, "skipped", []))
-    everyone = unique(r for part in distributed.gather_objects(mine) for r in part)
-    merged = _write_skipped(run_dir, everyone) if rt.main else []
-    if shared is not None:
-        shutil.rmtree(shared, ignore_errors=True)  # now in skipped_files.tsv
-    return merged
 
 
 def _check_micro_batches(cfg: Config, world: int) -> None:
@@ -171,10 +129,10 @@ def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, resul
     if rt.main:
         saved = run_dir / "config.yaml"  # a resume keeps the reasons of what auto chose at the start
         save_config(cfg, saved, leading_comments(saved) if resumed else auto_comments(chosen))
-        _write_skipped(run_dir, data.skipped)
+        merge_skipped(run_dir, data.skipped)
         print(start_summary(cfg, data, state.model, rt.device, rt.precision, rt.workers, run_dir,
                             state.step, chosen), flush=True)
-    shared = _share_skips(data.source, run_dir, rt)  # before any loader starts its workers
+    shared = share_skips(data.source, run_dir, rt)  # before any loader starts its workers
     knn_s = 0.0
     if cfg.eval.initial_knn and data.bank is not None and state.step == 0 and rt.main:
         t = clock_now()
@@ -203,7 +161,7 @@ def _run(cfg: Config, state: TrainState, data, rt: Runtime, run_dir: Path, resul
     already_done = (run_dir / "eval" / "knn.json").is_file() and start_step == state.step
     if result.finished and cfg.eval.final_knn and monitors.can_evaluate() and not already_done and rt.main:
         final_eval(cfg, state, monitors, run_dir, result)
-    result.skipped = _collect_skips(data.source, shared, run_dir, rt)  # + those met while loading
+    result.skipped = collect_skips(data.source, shared, run_dir, rt)  # + those met while loading
     write_summary(cfg, state, run_dir, result, rt.device, rt.precision)
     distributed.barrier()
     if result.diverged is not None:
