@@ -53,7 +53,6 @@ from byol.config.sections import parse_budget  # the duration rule lives with th
 
 if TYPE_CHECKING:  # the loop's parts that the budget steers
     from byol.config import Config
-    from byol.train.loop import Clock, Plan
     from byol.train.runtime import Runtime
     from byol.train.state import TrainState
 
@@ -197,9 +196,10 @@ class Budget:
     re-plan it as the rate changes (the rule above). Nothing to do without a budget. ``reserve_s``: what the command
     spends outside training (start-up, initial and final kNN), taken out of the budget once; the
     training budget and the re-planning's checks are kept in the checkpoint (``state.budget_s``,
-    ``state.budget_checks``) for a resume."""
+    ``state.budget_checks``) for a resume. ``plan``, ``clock`` and ``log`` are the loop's
+    (train/loop.py: Plan, Clock, _Log; not imported here: the loop imports this module)."""
 
-    def __init__(self, cfg: Config, plan: Plan, state: TrainState, reserve_s: float = 0.0) -> None:
+    def __init__(self, cfg: Config, plan, state: TrainState, reserve_s: float = 0.0) -> None:
         self.text = cfg.train.budget
         self.meter = self.replanner = None
         if self.text is None:
@@ -217,7 +217,7 @@ class Budget:
         return ((self.meter is not None and self.meter.wants_time(step))
                 or (self.replanner is not None and self.replanner.wants_time(step)))
 
-    def after_step(self, state: TrainState, plan: Plan, clock: Clock, rt: Runtime, log) -> None:
+    def after_step(self, state: TrainState, plan, clock, rt: Runtime, log) -> None:
         if not self._wants_time(state.step):
             return
         if rt.device.type == "cuda":
